@@ -1,0 +1,239 @@
+"""Writing an entry: create it (race-safe), write whole shards, commit each, finalize last.
+
+Protocol (see layout.py for the paths):
+
+1. ``entry.json`` is *created-if-absent*. A process that loses the race reads the winner's copy
+   and proceeds only if it describes the same spec and layout. Zarr metadata is then written by
+   everyone: it is a pure function of the layout, so concurrent writes store identical bytes.
+2. A shard is written whole by one writer (the unit of work), then its commit record is created.
+   Readers and ``verify`` trust only shards with a commit record. Rewriting an uncommitted shard
+   is idempotent, so a writer killed mid-shard leaves nothing that needs cleaning up.
+3. ``finalize`` creates ``manifest.json`` once every shard has a commit record. It is the last
+   object written; its existence is what "complete" means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+
+from .backends import Backend
+from .layout import (STATUS_ARRAY, STATUS_FAILED, STATUS_MISSING, STATUS_OK, EntryLayout, blob_path,
+                     commit_path, commits_prefix, doc_path, entry_path, make_codec, manifest_path,
+                     shard_object_path)
+from .specs import EntrySpec
+
+
+class EntryConflict(RuntimeError):
+    """An existing entry or shard disagrees with what this writer was about to write."""
+
+
+class IncompleteEntry(RuntimeError):
+    """Finalize was asked for while shards are still missing."""
+
+    def __init__(self, key: str, missing: list[int]):
+        self.missing = missing
+        super().__init__(f"entry {key}: {len(missing)} shard(s) not committed yet: {_brief(missing)}")
+
+
+def _brief(items: list[int], limit: int = 10) -> str:
+    head = ", ".join(map(str, items[:limit]))
+    return head + (f", … ({len(items)} in all)" if len(items) > limit else "")
+
+
+def block_checksum(block: np.ndarray) -> str:
+    """SHA-256 of a block's little-endian C-order bytes: independent of codec and chunking."""
+    block = np.ascontiguousarray(block)
+    if block.dtype.byteorder == ">":
+        block = block.astype(block.dtype.newbyteorder("<"))
+    return hashlib.sha256(block.tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """What a commit record says about one shard."""
+
+    shard: int
+    start: int
+    stop: int
+    checksums: Mapping[str, str]
+    stored_bytes: Mapping[str, int]
+    ok: int
+    failed: int
+    failures: Mapping[int, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"shard": self.shard, "rows": [self.start, self.stop], "checksums": dict(self.checksums),
+                "stored_bytes": dict(self.stored_bytes), "ok": self.ok, "failed": self.failed,
+                "failures": {str(k): v for k, v in sorted(self.failures.items())}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ShardCommit:
+        return cls(shard=data["shard"], start=data["rows"][0], stop=data["rows"][1],
+                   checksums=data["checksums"], stored_bytes=data["stored_bytes"], ok=data["ok"],
+                   failed=data["failed"], failures={int(k): v for k, v in data["failures"].items()})
+
+
+def committed_shards(backend: Backend, key: str) -> set[int]:
+    """Shards of entry ``key`` that have a commit record."""
+    return {int(o["path"].rsplit("/", 1)[-1].split(".")[0]) for o in backend.list(commits_prefix(key))}
+
+
+def entry_record(spec: EntrySpec, layout: EntryLayout, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return {"spec": spec.to_json(), "layout": layout.to_json(), "attrs": dict(attrs)}
+
+
+def _same_entry(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a["spec"] == b["spec"] and a["layout"] == b["layout"]
+
+
+class EntryWriter:
+    """Writes one entry. Create it with :meth:`FeatureStore.create`; any number may exist at once
+    (one per worker process), as long as each shard is written by only one of them."""
+
+    def __init__(self, backend: Backend, spec: EntrySpec, layout: EntryLayout,
+                 attrs: Mapping[str, Any] | None = None):
+        self.backend, self.spec, self.layout = backend, spec, layout
+        self.key = spec.key
+        record = entry_record(spec, layout, attrs or {})
+        record_with_time = {**record, "created_at": time.time()}
+        if not backend.create_json(entry_path(self.key), record_with_time):
+            existing = backend.read_json(entry_path(self.key))
+            if existing is None or not _same_entry(existing, record):
+                raise EntryConflict(f"entry {self.key} exists with a different spec or layout; "
+                                    "delete it (featurestore gc) or change the spec")
+        self._arrays = self._create_arrays(record)
+
+    def _create_arrays(self, record: Mapping[str, Any]) -> dict[str, zarr.Array]:
+        group = zarr.open_group(self.backend.zarr_store, path=self.key, mode="a",
+                                attributes={"featurestore": record})
+        arrays = {}
+        for spec in self.layout.all_arrays:
+            chunk = (self.layout.chunk_rows, spec.width) if spec.width else (self.layout.chunk_rows,)
+            shard = (self.layout.shard_rows, spec.width) if spec.width else (self.layout.shard_rows,)
+            if spec.name in group:
+                arrays[spec.name] = group[spec.name]
+                continue
+            try:
+                arrays[spec.name] = group.create_array(
+                    spec.name, shape=spec.shape(self.layout.rows), dtype=spec.dtype, chunks=chunk,
+                    shards=shard, compressors=[make_codec(self.layout.codec)], fill_value=0,
+                    # every committed shard must exist as an object, even an all-zero one
+                    config={"write_empty_chunks": True}, overwrite=False)
+            except zarr.errors.ContainsArrayError:  # a racing writer created it a moment ago
+                arrays[spec.name] = group[spec.name]
+        return arrays
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def missing_shards(self) -> list[int]:
+        """Shards without a commit record, in order: exactly the work left to do."""
+        done = committed_shards(self.backend, self.key)
+        return [s for s in range(self.layout.num_shards) if s not in done]
+
+    def is_complete(self) -> bool:
+        return self.backend.exists(manifest_path(self.key))
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def write_document(self, name: str, obj: Any) -> None:
+        """A JSON document beside the arrays (dataset manifest, metrics, ...)."""
+        self._check_open()
+        self.backend.write_json(doc_path(self.key, name), obj)
+
+    def write_blob(self, name: str, data: bytes) -> None:
+        """An opaque file beside the arrays, e.g. safetensors weights. Never pickle."""
+        self._check_open()
+        import obstore
+
+        obstore.put(self.backend.objects, blob_path(self.key, name), data)
+
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray], status: np.ndarray | None = None,
+                    failures: Mapping[int, str] | None = None) -> ShardCommit:
+        """Write every array's rows of ``shard`` and commit it.
+
+        ``status`` defaults to ok for every row, or failed for the rows in ``failures`` (global
+        row index → reason). Rows of failed images should hold zeros. Returns the commit; if the
+        shard was already committed, returns the existing commit without writing.
+        """
+        existing = self.backend.read_json(commit_path(self.key, shard))
+        if existing is not None:
+            return ShardCommit.from_json(existing)
+        start, stop = self.layout.shard_range(shard)
+        failures = dict(failures or {})
+        if bad := [r for r in failures if not start <= r < stop]:
+            raise ValueError(f"shard {shard} (rows {start}..{stop - 1}): failure rows {bad[:5]} outside it")
+        if status is None:
+            status = np.full(stop - start, STATUS_OK, np.uint8)
+            status[[r - start for r in failures]] = STATUS_FAILED
+        blocks = {**self._validated(arrays, stop - start), STATUS_ARRAY: np.asarray(status, np.uint8)}
+        if np.any(blocks[STATUS_ARRAY] == STATUS_MISSING):
+            raise ValueError(f"shard {shard}: status 0 (never written) is not a valid row status")
+        failed_rows = {start + int(i) for i in np.flatnonzero(blocks[STATUS_ARRAY] == STATUS_FAILED)}
+        if failed_rows != set(failures):
+            raise ValueError(f"shard {shard}: rows marked failed must each have a reason in failures")
+        for name, block in blocks.items():
+            self._arrays[name][start:stop] = block
+        commit = ShardCommit(
+            shard=shard, start=start, stop=stop,
+            checksums={name: block_checksum(block) for name, block in blocks.items()},
+            stored_bytes=self._stored_bytes(shard),
+            ok=int(np.sum(blocks[STATUS_ARRAY] == STATUS_OK)), failed=len(failures), failures=failures)
+        if not self.backend.create_json(commit_path(self.key, shard), commit.to_json()):
+            # Another writer committed this shard concurrently; the protocol makes shard contents a
+            # pure function of the inputs, so the two commits must agree.
+            theirs = ShardCommit.from_json(self.backend.read_json(commit_path(self.key, shard)))
+            if dict(theirs.checksums) != dict(commit.checksums):
+                raise EntryConflict(f"entry {self.key} shard {shard}: two writers wrote different rows; "
+                                    "run `featurestore verify` and rewrite the shard")
+            return theirs
+        return commit
+
+    def _validated(self, arrays: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        expected = {a.name: a for a in self.layout.arrays}
+        if set(arrays) != set(expected):
+            raise ValueError(f"entry {self.key}: got arrays {sorted(arrays)}, layout has {sorted(expected)}")
+        out = {}
+        for name, block in arrays.items():
+            spec = expected[name]
+            block = np.asarray(block)
+            if block.shape != spec.shape(rows):
+                raise ValueError(f"array {name!r}: block shape {block.shape}, expected {spec.shape(rows)}")
+            out[name] = np.ascontiguousarray(block.astype(spec.dtype, copy=False))
+        return out
+
+    def _stored_bytes(self, shard: int) -> dict[str, int]:
+        import obstore
+
+        return {a.name: int(obstore.head(self.backend.objects, shard_object_path(self.key, a, shard))["size"])
+                for a in self.layout.all_arrays}
+
+    def finalize(self, summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Create the final manifest once all shards are committed; idempotent and race-safe."""
+        existing = self.backend.read_json(manifest_path(self.key))
+        if existing is not None:
+            return existing
+        if missing := self.missing_shards():
+            raise IncompleteEntry(self.key, missing)
+        commits = [ShardCommit.from_json(self.backend.read_json(commit_path(self.key, s)))
+                   for s in range(self.layout.num_shards)]
+        manifest = {
+            "key": self.key, "kind": self.spec.kind, "rows": self.layout.rows,
+            "num_shards": self.layout.num_shards,
+            "ok": sum(c.ok for c in commits), "failed": sum(c.failed for c in commits),
+            "stored_bytes": sum(sum(c.stored_bytes.values()) for c in commits),
+            "checksums": [dict(c.checksums) for c in commits],
+            "summary": dict(summary or {}), "completed_at": time.time(),
+        }
+        if not self.backend.create_json(manifest_path(self.key), manifest):
+            return self.backend.read_json(manifest_path(self.key))
+        return manifest
+
+    def _check_open(self) -> None:
+        if self.is_complete():
+            raise EntryConflict(f"entry {self.key} is complete and immutable")
