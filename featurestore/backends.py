@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
+import numpy as np
 import obstore
 import zarr.storage
 from obstore.exceptions import AlreadyExistsError, NotFoundError
@@ -89,9 +90,11 @@ def _s3_store(url: StoreURL) -> S3Store:
 class Backend:
     """The two views of one store location: ``zarr_store`` for arrays, record methods for JSON."""
 
-    def __init__(self, url: str | StoreURL):
+    def __init__(self, url: str | StoreURL, create: bool = True):
         self.url = url if isinstance(url, StoreURL) else StoreURL.parse(url)
         if self.url.scheme == "file":
+            if not create and not Path(self.url.prefix).is_dir():
+                raise StoreError(f"store {self.url}: no such directory; check the path")
             Path(self.url.prefix).mkdir(parents=True, exist_ok=True)
             self.objects = LocalStore(self.url.prefix)
             self.zarr_store: zarr.abc.store.Store = zarr.storage.LocalStore(self.url.prefix)
@@ -112,6 +115,23 @@ class Backend:
         try:
             return bytes(obstore.get(self.objects, path).bytes())
         except (NotFoundError, FileNotFoundError):
+            return None
+
+    def read_buffer(self, path: str):
+        """A large object as a buffer without extra copies (a local file is read straight into an
+        uninitialised, writable numpy buffer); ``None`` if it does not exist."""
+        if self.url.scheme == "file":
+            try:
+                with open(Path(self.url.prefix) / path, "rb", buffering=0) as f:
+                    buffer = np.empty(os.fstat(f.fileno()).st_size, np.uint8)
+                    if f.readinto(memoryview(buffer)) != buffer.size:
+                        raise StoreError(f"store {self.url}: {path} changed size while being read")
+                    return buffer
+            except FileNotFoundError:
+                return None
+        try:
+            return obstore.get(self.objects, path).bytes()
+        except NotFoundError:
             return None
 
     def read_json(self, path: str) -> Any | None:

@@ -29,20 +29,24 @@ from zarr.codecs import BloscCodec, ZstdCodec
 STATUS_MISSING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 STATUS_ARRAY = "status"
 
-# Chosen by benchmarks/codec_choice.py on realistic pooled activations (non-negative,
-# heavy-tailed float16): byte-shuffled zstd level 1 through Blosc compresses those
-# GSFs best per decode second; see benchmarks/RESULTS.md for the measured table.
-DEFAULT_CODEC: dict[str, Any] = {"name": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "shuffle"}
+# Chosen by measurement (benchmarks/codec_choice.py, benchmarks/store_read.py, RESULTS.md):
+# float16 pooled activations are nearly incompressible (10 noisy mantissa bits per value; the
+# best lossless codec saves 1-11%), while decoding costs 2-5x of warm read throughput. GSFs are
+# written once and streamed every epoch, so the default stores chunks raw. Entries record their
+# codec, so a deployment on a slow link can choose {"name": "zstd", "level": 1} per job.
+DEFAULT_CODEC: dict[str, Any] = {"name": "none"}
 
 
-def make_codec(config: Mapping[str, Any]):
-    """A zarr v3 codec from its JSON description (kept in the entry's layout)."""
+def make_compressors(config: Mapping[str, Any]) -> list:
+    """zarr v3 compressors from their JSON description (kept in the entry's layout)."""
     kind = config["name"]
+    if kind == "none":
+        return []
     if kind == "blosc":
-        return BloscCodec(cname=config["cname"], clevel=config["clevel"], shuffle=config["shuffle"])
+        return [BloscCodec(cname=config["cname"], clevel=config["clevel"], shuffle=config["shuffle"])]
     if kind == "zstd":
-        return ZstdCodec(level=config["level"])
-    raise ValueError(f"unknown codec {kind!r}; known: blosc, zstd")
+        return [ZstdCodec(level=config["level"])]
+    raise ValueError(f"unknown codec {kind!r}; known: none, blosc, zstd")
 
 
 @dataclass(frozen=True)

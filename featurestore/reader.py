@@ -12,8 +12,9 @@ import zarr
 
 from .backends import Backend
 from .layout import (STATUS_ARRAY, STATUS_FAILED, EntryLayout, blob_path, commit_path, doc_path,
-                     entry_path, manifest_path)
+                     entry_path, manifest_path, shard_object_path)
 from .partition import Span, World, plan_for
+from .shardcodec import ShardDecoder
 from .specs import EntrySpec
 
 
@@ -50,6 +51,8 @@ class EntryReader:
             raise EntryNotFound(f"entry {key!r} in store {backend.url} is incomplete (no final manifest); "
                                 "rerun the job that writes it to finish the missing shards")
         self._arrays: dict[str, zarr.Array] = {}
+        self._decoders: dict[str, ShardDecoder | None] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def rows(self) -> int:
@@ -72,9 +75,29 @@ class EntryReader:
     # -- random access ---------------------------------------------------------------------------
 
     def read_range(self, start: int, stop: int, arrays: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Rows ``[start, stop)``; whole shards take the one-GET fast path (shardcodec.py)."""
         if not (0 <= start <= stop <= self.rows):
             raise IndexError(f"row range [{start}, {stop}) outside entry of {self.rows} rows")
-        return {name: self.array(name)[start:stop] for name in self._names(arrays)}
+        return {name: self._read_range(name, start, stop) for name in self._names(arrays)}
+
+    def _read_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        shard = start // self.layout.shard_rows
+        whole_shard = start < self.rows and (start, stop) == self.layout.shard_range(shard)
+        decoder = self._decoder(name) if whole_shard else None
+        if decoder is None:
+            return self.array(name)[start:stop]
+        spec = {a.name: a for a in self.layout.all_arrays}[name]
+        data = self.backend.read_buffer(shard_object_path(self.key, spec, shard))
+        if data is None:
+            raise FileNotFoundError(f"entry {self.key}: shard {shard} of {name!r} is missing from the store; "
+                                    f"run `python -m featurestore verify {self.backend.url} {self.key}`")
+        return decoder.decode(data, stop - start)
+
+    def _decoder(self, name: str) -> ShardDecoder | None:
+        if name not in self._decoders:
+            meta = self.backend.read_json(f"{self.key}/{name}/zarr.json")
+            self._decoders[name] = ShardDecoder.from_metadata(meta) if meta else None
+        return self._decoders[name]
 
     def read_rows(self, rows: Sequence[int] | np.ndarray, arrays: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Rows by index, in the order given (duplicates allowed); each needed inner chunk is read once."""
@@ -133,11 +156,12 @@ class EntryReader:
         """
         spans = plan_for(world, self.rows, self.layout.shard_rows, seed, epoch, drop_last)
         names = self._names(arrays)
-        for name in names:
-            self.array(name)  # open on this thread: zarr metadata reads are not worth racing
-        with ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
-            pending: deque = deque()
-            position = 0
+        for name in names:  # open on this thread: metadata reads are not worth racing
+            self._decoder(name)
+        pool = self._prefetch_pool(prefetch)
+        pending: deque = deque()
+        position = 0
+        try:
             while position < len(spans) or pending:
                 while position < len(spans) and len(pending) < max(1, prefetch):
                     pending.append(pool.submit(self.read_span, spans[position], names))
@@ -148,3 +172,24 @@ class EntryReader:
                     order = np.random.default_rng([seed, epoch, first]).permutation(len(block))
                     block = Block(block.rows[order], block.pad[order], {k: v[order] for k, v in block.arrays.items()})
                 yield block
+        finally:
+            for future in pending:  # a consumer that stops early leaves no reads running
+                future.cancel()
+
+    def _prefetch_pool(self, size: int) -> ThreadPoolExecutor:
+        """One pool per reader, kept across epochs: starting threads per epoch costs real time."""
+        size = max(1, size)
+        if self._pool is None or self._pool._max_workers < size:
+            self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix=f"prefetch-{self.key[:12]}")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> EntryReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

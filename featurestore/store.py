@@ -24,8 +24,9 @@ class FeatureStore:
         writer.finalize()
     """
 
-    def __init__(self, url: str):
-        self.backend = Backend(url)
+    def __init__(self, url: str, create: bool = True):
+        """``create=False`` refuses a local directory that does not exist (for read-only tools)."""
+        self.backend = Backend(url, create=create)
         self.url = str(self.backend.url)
 
     def state(self, key: str) -> str:

@@ -24,7 +24,7 @@ import zarr
 
 from .backends import Backend
 from .layout import (STATUS_ARRAY, STATUS_FAILED, STATUS_MISSING, STATUS_OK, EntryLayout, blob_path,
-                     commit_path, commits_prefix, doc_path, entry_path, make_codec, manifest_path,
+                     commit_path, commits_prefix, doc_path, entry_path, make_compressors, manifest_path,
                      shard_object_path)
 from .specs import EntrySpec
 
@@ -122,7 +122,7 @@ class EntryWriter:
             try:
                 arrays[spec.name] = group.create_array(
                     spec.name, shape=spec.shape(self.layout.rows), dtype=spec.dtype, chunks=chunk,
-                    shards=shard, compressors=[make_codec(self.layout.codec)], fill_value=0,
+                    shards=shard, compressors=make_compressors(self.layout.codec), fill_value=0,
                     # every committed shard must exist as an object, even an all-zero one
                     config={"write_empty_chunks": True}, overwrite=False)
             except zarr.errors.ContainsArrayError:  # a racing writer created it a moment ago

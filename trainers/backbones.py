@@ -1,0 +1,211 @@
+"""Teacher backbones and their multi-level spatially pooled (MLSP) features.
+
+The paper's generic semantic feature of an image is, for each POC backbone, the global average
+of the stem output and of each of the four stage outputs, concatenated, then concatenated across
+backbones (eq. 5). Here the five levels are the ones timm lists in ``model.feature_info`` (one
+per reduction 2, 4, 8, 16, 32) and are read with ``forward_intermediates``, so every model keeps
+its original state-dict layout and loads its published weights unchanged:
+
+* timm ResNet / ResNeXt: ``act1`` (stem), ``layer1`` … ``layer4``;
+* timm ResNetV2 (BiT): ``stem.conv``, ``stages.0`` … ``stages.3`` (pre-activation residual stream);
+* timm EfficientNet: ``blocks.0, 1, 2, 4, 6`` — the last block at each reduction.
+
+A backbone's name alone fixes its architecture and input normalisation; its ``weights`` field
+(a state digest or ``random:<seed>``) fixes its parameters. Together they are a ``BackboneSpec``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.resnet import Bottleneck, ResNet
+from torch import nn
+
+from featurestore.specs import BackboneSpec, ExtractorSpec
+from trainers.weights import load_into, packaged_state_dict, read_state_dict, state_digest
+
+#: Short names for the paper's trio (Table XIII) that timm spells out.
+ALIASES = {
+    "bit_m_r152x4": "resnetv2_152x4_bit.goog_in21k_ft_in1k",
+    "swsl_resnext101_32x8d": "resnext101_32x8d.fb_swsl_ig1b_ft_in1k",
+}
+#: Architectures timm lacks; the WSL-Images weights use torchvision's key layout, as timm's ResNet.
+CUSTOM = {
+    "ig_resnext101_32x48d": lambda: ResNet(block=Bottleneck, layers=[3, 4, 23, 3], cardinality=32, base_width=48),
+}
+GROUPS = {
+    "paper_trio": ("bit_m_r152x4", "ig_resnext101_32x48d", "swsl_resnext101_32x8d"),
+    # CPU-sized stand-in with real weights that install offline (``weights="packaged"``).
+    "lite_trio": ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"),
+}
+#: (mean, std) on a 0..1 scale where the model's pretrained_cfg is absent or not what the weights
+#: were trained with: WSL-Images used torchvision's ImageNet statistics; TensorFlow's Edge models
+#: (EfficientNet-Lite) were trained on (x - 127) / 128.
+NORMALISATION = {
+    "ig_resnext101_32x48d": (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    **{name: ((127 / 255,) * 3, (128 / 255,) * 3) for name in GROUPS["lite_trio"]},
+}
+MLSP_LEVELS = 5
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be named, built or given the requested weights."""
+
+
+def canonical_name(name: str) -> str:
+    """The one name a backbone is recorded under: its alias if it has one, else its timm name."""
+    name = {target: alias for alias, target in ALIASES.items()}.get(name, name)
+    if name in ALIASES or name in CUSTOM:
+        return name
+    if timm.is_model(name):
+        try:
+            timm.models.get_pretrained_cfg(name)  # rejects an unknown ``.tag``
+            return name
+        except RuntimeError:
+            pass
+    raise BackboneError(f"unknown backbone {name!r}: use a timm model name, an alias "
+                        f"({', '.join([*ALIASES, *CUSTOM])}) or a group ({', '.join(GROUPS)})")
+
+
+def expand_names(names: str | Sequence[str]) -> tuple[str, ...]:
+    """Canonical backbone names, with groups expanded in place; a repeated backbone is an error."""
+    names = [names] if isinstance(names, str) else list(names)
+    out = tuple(canonical_name(n) for group in names for n in GROUPS.get(group, (group,)))
+    if len(set(out)) != len(out):
+        raise BackboneError(f"backbones repeat: {list(out)}")
+    return out
+
+
+def create_model(name: str, weights: str = "random:0") -> tuple[nn.Module, str]:
+    """An eval-mode model for ``name`` and the identity of its parameters.
+
+    ``weights``: ``random:<seed>`` (seeded init, identity ``random:<seed>``), ``packaged``,
+    ``hub`` (timm's download), or a local path / ``s3://`` URI; all but random are identified
+    by their state digest.
+    """
+    name = canonical_name(name)
+    timm_name = ALIASES.get(name, name)
+    if weights == "random" or weights.startswith("random:"):
+        seed = weights.removeprefix("random:")
+        if not seed.isdigit():
+            raise BackboneError(f"random weights need an explicit seed, e.g. 'random:0'; got {weights!r}")
+        seed = int(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _build(name)
+        return model.eval(), f"random:{seed}"
+    if weights == "hub":
+        model = _from_hub(name, timm_name)
+    else:
+        model = _build(name)
+        state = packaged_state_dict(name, model.state_dict()) if weights == "packaged" else read_state_dict(weights)
+        load_into(model, state, weights)
+    return model.eval(), state_digest(model.state_dict())
+
+
+def _build(name: str) -> nn.Module:
+    return CUSTOM[name]() if name in CUSTOM else timm.create_model(ALIASES.get(name, name))
+
+
+def _from_hub(name: str, timm_name: str) -> nn.Module:
+    cfg = None if name in CUSTOM else timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise BackboneError(f"timm has no hub weights for {name!r}; pass a local file or s3:// URI as weights")
+    try:
+        return timm.create_model(timm_name, pretrained=True)
+    except OSError as e:  # no network, no cache: the usual case on cluster workers
+        raise BackboneError(f"could not download hub weights for {name!r} ({type(e).__name__}); this machine "
+                            "may be offline: pass a local weights file or s3:// URI instead") from e
+
+
+class Backbone(nn.Module):
+    """One backbone's MLSP: float RGB [B, 3, H, W] on a 0..255 scale → [B, width] float32.
+
+    Normalises with this backbone's own mean/std, so several backbones share one input batch.
+    """
+
+    def __init__(self, name: str, model: nn.Module, weights: str):
+        super().__init__()
+        info = model.feature_info
+        if len(info) != MLSP_LEVELS:
+            raise BackboneError(f"{name!r}: MLSP pools the stem and four stages ({MLSP_LEVELS} levels), "
+                                f"timm lists {len(info)} feature levels for it")
+        self.model = model
+        self.channels = tuple(int(f["num_chs"]) for f in info)
+        self.spec = BackboneSpec(name=name, weights=weights, layers=tuple(f["module"] for f in info),
+                                 width=sum(self.channels))
+        mean, std = NORMALISATION.get(name) or (model.pretrained_cfg["mean"], model.pretrained_cfg["std"])
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.model.forward_intermediates(self.normalise(images), indices=MLSP_LEVELS,
+                                                 intermediates_only=True)
+        if tuple(f.shape[1] for f in feats) != self.channels:  # cheap guard for untested architectures
+            raise BackboneError(f"{self.spec.name!r}: forward_intermediates gave channels "
+                                f"{[f.shape[1] for f in feats]}, feature_info says {list(self.channels)}")
+        return torch.cat([f.mean(dim=(2, 3), dtype=torch.float32) for f in feats], dim=1)
+
+
+def load_backbone(name: str, weights: str = "random:0") -> Backbone:
+    model, identity = create_model(name, weights)
+    return Backbone(canonical_name(name), model, identity)
+
+
+class MLSPExtractor(nn.Module):
+    """Concatenated MLSP of several backbones (eq. 5), for images at any resolution.
+
+    ``forward`` takes uint8 or float RGB [B, 3, H, W] on a 0..255 scale (any device) and returns
+    [B, width] float32 on the extractor's device. On CUDA the backbones run channels-last under
+    bfloat16 autocast; on CPU in float32. Pooling always accumulates in float32.
+    """
+
+    def __init__(self, backbones: Sequence[Backbone], device: str | torch.device | None = None):
+        super().__init__()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cuda_mode = self.device.type == "cuda"
+        self.backbones = nn.ModuleList(backbones).to(
+            self.device, memory_format=torch.channels_last if self.cuda_mode else torch.preserve_format)
+        self.compute_dtype = "bfloat16" if self.cuda_mode else "float32"
+
+    @property
+    def specs(self) -> tuple[BackboneSpec, ...]:
+        return tuple(b.spec for b in self.backbones)
+
+    @property
+    def width(self) -> int:
+        return sum(s.width for s in self.specs)
+
+    def extractor_spec(self, **fields) -> ExtractorSpec:
+        """The ``ExtractorSpec`` of these features; ``fields`` set its other parts (input policy…)."""
+        return ExtractorSpec(backbones=self.specs, compute_dtype=self.compute_dtype, **fields)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True)
+        if self.cuda_mode:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.cuda_mode):
+            return torch.cat([b(x) for b in self.backbones], dim=1)
+
+
+def build_extractor(names: str | Sequence[str], weights: str | Mapping[str, str] = "random:0",
+                    device: str | torch.device | None = None) -> MLSPExtractor:
+    """An ``MLSPExtractor`` for ``names`` (timm names, aliases or groups, e.g. ``"lite_trio"``).
+
+    ``weights`` is one source for all backbones or a mapping from backbone name (alias or
+    canonical) to source; see ``create_model`` for the forms a source takes.
+    """
+    names = expand_names(names)
+    if isinstance(weights, str):
+        sources = dict.fromkeys(names, weights)
+    else:
+        sources = {canonical_name(k): v for k, v in weights.items()}
+        if missing := [n for n in names if n not in sources]:
+            raise BackboneError(f"no weights given for {missing}")
+    return MLSPExtractor([load_backbone(n, sources[n]) for n in names], device=device)
