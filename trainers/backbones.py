@@ -87,7 +87,6 @@ def create_model(name: str, weights: str = "random:0") -> tuple[nn.Module, str]:
     by their state digest.
     """
     name = canonical_name(name)
-    timm_name = ALIASES.get(name, name)
     if weights == "random" or weights.startswith("random:"):
         seed = weights.removeprefix("random:")
         if not seed.isdigit():
@@ -98,7 +97,7 @@ def create_model(name: str, weights: str = "random:0") -> tuple[nn.Module, str]:
             model = _build(name)
         return model.eval(), f"random:{seed}"
     if weights == "hub":
-        model = _from_hub(name, timm_name)
+        model = _from_hub(name)
     else:
         model = _build(name)
         state = packaged_state_dict(name, model.state_dict()) if weights == "packaged" else read_state_dict(weights)
@@ -110,7 +109,8 @@ def _build(name: str) -> nn.Module:
     return CUSTOM[name]() if name in CUSTOM else timm.create_model(ALIASES.get(name, name))
 
 
-def _from_hub(name: str, timm_name: str) -> nn.Module:
+def _from_hub(name: str) -> nn.Module:
+    timm_name = ALIASES.get(name, name)
     cfg = None if name in CUSTOM else timm.models.get_pretrained_cfg(timm_name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
         raise BackboneError(f"timm has no hub weights for {name!r}; pass a local file or s3:// URI as weights")
