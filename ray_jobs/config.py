@@ -1,0 +1,173 @@
+"""Job configs: a YAML file plus ``dotted.key=value`` overrides → a frozen dataclass, checked strictly.
+
+Every job is ``python -m ray_jobs.<job> --config FILE [key=value ...]``. An unknown key, a
+missing required key or a value of the wrong type fails before any work starts, with a message
+naming the key. ``--help`` lists every key with its default and meaning (the field's
+``metadata["help"]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that names an unknown key, lacks a required one, or has a value of the wrong type."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:  # noqa: A002
+    """A config field with its ``--help`` text."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple or default_factory for mutable defaults")
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], value); values are YAML, so ``3``, ``true``, ``[a, b]`` work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. store=s3://bucket/prefix)")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def merge(tree: dict, path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {'.'.join(path)!r}: {part!r} is not a section")
+        tree = node
+    tree[path[-1]] = value
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key {key!r}: {value!r} fits none of "
+                          f"{[getattr(a, '__name__', str(a)) for a in args]}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, prefix=f"{key}.")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping) or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        vt = args[1] if args else Any
+        return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key!r}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` from nested mappings, refusing unknown keys by name."""
+    if not isinstance(data, (Mapping, type(None))):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '(top level)'} must be a mapping, got {data!r}")
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(data) - set(fields)):
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; known keys here: "
+                          f"{', '.join(prefix + k for k in fields)} (see --help)")
+    values = {}
+    for name, f in fields.items():
+        key = prefix + name
+        if name in data:
+            values[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                values[name] = from_dict(hints[name], {}, prefix=f"{key}.")
+            else:
+                raise ConfigError(f"missing required config key {key!r}: {f.metadata.get('help', '')}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"config {prefix.rstrip('.') or '(top level)'}: {exc}") from None
+
+
+def load_config(cls: type[T], path: str | None, overrides: list[str]) -> T:
+    tree: dict = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file {path!r} not found")
+        try:
+            tree = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of keys")
+    for text in overrides:
+        merge(tree, *parse_override(text))
+    return from_dict(cls, tree)
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[str]:
+    """One line per key: ``name = default  help``."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe_keys(hints[f.name], prefix=f"{prefix}{f.name}.")
+            continue
+        default = "(required)" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING \
+            else json.dumps(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        lines.append(f"  {prefix + f.name:<28} {default:<22} {f.metadata.get('help', '')}")
+    return lines
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def run_job(name: str, config_cls: type[T], main: Callable[[T], dict[str, Any]],
+            user_errors: tuple[type[BaseException], ...] = (), argv: list[str] | None = None) -> int:
+    """Parse ``--config FILE [key=value ...]``, run ``main`` and print its result as the last
+    stdout line. Errors a user can cause print one ``error:`` line on stderr and exit 2."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m ray_jobs.{name}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(sys.modules[main.__module__].__doc__ or "").strip(),
+        epilog="config keys (set in the YAML file or as key=value):\n" + "\n".join(describe_keys(config_cls)))
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(config_cls, args.config, args.overrides)
+        result = main(config)
+    except (ConfigError, *user_errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result), flush=True)
+    return 0

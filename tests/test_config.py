@@ -1,0 +1,71 @@
+"""Job configs: YAML + dotted overrides, strict keys, typed values, one clear error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from ray_jobs.config import ConfigError, describe_keys, load_config, option, run_job
+
+
+@dataclass(frozen=True)
+class Inner:
+    path: str = option(help="where")
+    fraction: float | None = option(None, help="a share")
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: Inner
+    names: tuple[str, ...] = option(("a",), help="some names")
+    weights: str | dict[str, str] = option("hub", help="one or per name")
+    count: int = option(1, help="how many")
+    flag: bool = option(False, help="on/off")
+
+
+def test_yaml_file_and_overrides_merge(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  path: /data\ncount: 3\nnames: [x, y]\n")
+    cfg = load_config(Outer, str(path), ["inner.fraction=0.25", "flag=true", "weights.resnet18=random:0"])
+    assert cfg == Outer(Inner("/data", 0.25), ("x", "y"), {"resnet18": "random:0"}, 3, True)
+    assert load_config(Outer, str(path), ["names=z"]).names == ("z",)
+    assert load_config(Outer, str(path), ["inner.fraction=1"]).inner.fraction == 1.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["inner.pth=/x"], "unknown config key 'inner.pth'"),
+    (["cuont=2"], "unknown config key 'cuont'"),
+    (["inner.path=/d", "count=many"], "config key 'count': expected int"),
+    (["inner.path=/d", "count=true"], "config key 'count': expected int"),
+    (["inner=3"], "must be a mapping"),
+    (["novalue"], "must look like key=value"),
+    ([], "missing required config key 'inner.path'"),
+])
+def test_bad_configs_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(Outer, None, overrides)
+
+
+def test_missing_or_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, str(tmp_path / "absent.yaml"), [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, str(bad), [])
+
+
+def test_help_lists_every_key_with_default():
+    text = "\n".join(describe_keys(Outer))
+    for key in ("inner.path", "inner.fraction", "names", "weights", "count", "flag"):
+        assert key in text
+    assert "(required)" in text and '["a"]' in text
+
+
+def test_run_job_prints_result_last_and_exits_2_on_user_error(capsys):
+    assert run_job("t", Outer, lambda cfg: {"count": cfg.count}, argv=["inner.path=/d", "count=4"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == '{"count": 4}'
+    assert run_job("t", Outer, lambda cfg: {}, argv=["count=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: missing required config key 'inner.path'") and "Traceback" not in err

@@ -1,0 +1,198 @@
+"""The extraction job end to end: real Ray, real DALI decoding, real timm models, local and S3 stores."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from image_data import good_images, jpeg_bytes, write_ava
+from PIL import Image
+
+from featurestore.layout import STATUS_FAILED, STATUS_OK
+from featurestore.store import FeatureStore
+from ray_jobs.config import load_config
+from ray_jobs.extract import ExtractConfig, main
+from trainers.backbones import build_extractor
+from trainers.images import ImageDecoder
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["backbones=[resnet18]", "weights=random:0", "workers=1", "cpus_per_worker=2"]
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_endpoint):
+    """One local Ray instance for the in-process jobs; started after S3 so workers see AWS_*."""
+    import ray
+
+    from ray_jobs.runtime import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+def extract(*overrides: str) -> dict:
+    return main(load_config(ExtractConfig, None, list(overrides)))
+
+
+def extract_cli(*overrides: str, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray_jobs.extract", *overrides], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=os.environ.copy(), **popen)
+
+
+def test_mlsp_rows_match_a_direct_forward_and_rerun_reuses(ray_local, tmp_path):
+    images = good_images(12)
+    write_ava(tmp_path / "ava", images)
+    store = str(tmp_path / "store")
+    first = extract(f"dataset.path={tmp_path / 'ava'}", f"store={store}", *SMALL, "shard_rows=32")
+    assert (first["rows"], first["ok"], first["failed"], first["reused"]) == (12, 12, 0, False)
+    assert first["width"] == 64 + 64 + 128 + 256 + 512 and first["columns"] == {"resnet18": [0, 1024]}
+    assert first["forward_passes"] > 0 and first["computed_rows"] == 12
+
+    reader = FeatureStore(store).open(first["entry"])
+    ids = reader.read_document("dataset")["image_ids"]
+    stored = reader.read_range(0, 12)["gsf"]
+    extractor = build_extractor(["resnet18"], "random:0", device="cpu")
+    decoder = ImageDecoder(device="cpu")
+    for row in (0, 1, 2, 7):  # one image of each size, and a repeat
+        image = decoder.decode([images[ids[row]]])[0].image
+        direct = extractor(image.permute(2, 0, 1)[None]).numpy()[0].astype(np.float16)
+        np.testing.assert_allclose(stored[row].astype(np.float32), direct.astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert not np.allclose(stored[0], stored[1])  # rows belong to different images
+
+    again = extract(f"dataset.path={tmp_path / 'ava'}", f"store={store}", *SMALL)
+    assert again["entry"] == first["entry"]
+    assert (again["reused"], again["forward_passes"], again["computed_rows"], again["reused_rows"]) == (True, 0, 0, 12)
+
+
+def bad_input_zoo(rng) -> dict[str, bytes | None]:
+    def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    photo = Image.open(io.BytesIO(jpeg_bytes(rng, 72, 56)))
+    good = jpeg_bytes(rng, 64, 48)
+    huge = Image.fromarray(np.tile(np.linspace(0, 255, 10000, dtype=np.uint8)[None, :, None], (10000, 1, 3)))
+    return {
+        "ok1": good, "ok2": jpeg_bytes(rng, 64, 48),
+        "missing": None,
+        "truncated": good[: len(good) // 2],
+        "garbage": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "empty": b"",
+        "png_rgba": encode(photo.convert("RGBA"), "PNG"),
+        "webp": encode(photo, "WEBP", quality=90),
+        "cmyk": encode(photo.convert("CMYK"), "JPEG"),
+        "gray": encode(photo.convert("L"), "JPEG"),
+        "huge": encode(huge, "JPEG", quality=50),
+    }
+
+
+def test_bad_input_zoo_completes_with_per_row_failures(ray_local, tmp_path):
+    write_ava(tmp_path / "ava", bad_input_zoo(np.random.default_rng(1)))
+    store = str(tmp_path / "store")
+    result = extract(f"dataset.path={tmp_path / 'ava'}", f"store={store}", *SMALL, f"max_pixels={256 * 256}")
+    assert result["ok"] + result["failed"] == result["rows"] == 11
+    reader = FeatureStore(store).open(result["entry"])
+    ids = reader.read_document("dataset")["image_ids"]
+    status = dict(zip(ids, reader.status()))
+    reasons = {ids[row]: reason for row, reason in reader.failures().items()}
+    assert set(reasons) == {"missing", "truncated", "garbage", "empty"}
+    assert "missing file" in reasons["missing"]
+    assert all(status[i] == STATUS_FAILED for i in reasons)
+    for name in ("ok1", "ok2", "png_rgba", "webp", "cmyk", "gray", "huge"):
+        assert status[name] == STATUS_OK, name
+    gsf = reader.read_range(0, 11)["gsf"]
+    assert np.all(gsf[[ids.index(i) for i in reasons]] == 0)
+    assert np.all(np.abs(gsf[ids.index("huge")]).sum() > 0)
+
+
+def test_csv_dataset_on_s3_with_unreadable_object_into_s3_store(ray_local, tmp_path, s3_bucket):
+    import boto3
+
+    s3 = boto3.client("s3")
+    images = good_images(5, seed=3)
+    lines = ["image,mean_score,split"]
+    for i, (image_id, data) in enumerate(images.items()):
+        s3.put_object(Bucket=s3_bucket, Key=f"imgs/{image_id}.jpg", Body=data)
+        lines.append(f"s3://{s3_bucket}/imgs/{image_id}.jpg,{4 + i * 0.5},{'test' if i == 0 else 'train'}")
+    lines.append(f"s3://{s3_bucket}/imgs/not-there.jpg,5.0,train")
+    s3.put_object(Bucket=s3_bucket, Key="data.csv", Body="\n".join(lines).encode())
+    store = f"s3://{s3_bucket}/features"
+    result = extract(f"dataset.path=s3://{s3_bucket}/data.csv", "dataset.format=csv", f"store={store}", *SMALL)
+    assert (result["rows"], result["ok"], result["failed"]) == (6, 5, 1)
+    reader = FeatureStore(store).open(result["entry"])
+    assert list(reader.failures().values())[0].startswith("missing file s3://")
+    verify = subprocess.run([sys.executable, "-m", "featurestore", "verify", store, result["entry"]],
+                            capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=120)
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_killed_job_resumes_only_missing_shards_bit_exact(ray_local, tmp_path):
+    rng = np.random.default_rng(7)
+    write_ava(tmp_path / "ava", {str(i): jpeg_bytes(rng, 192, 160) for i in range(256)})
+    args = [f"dataset.path={tmp_path / 'ava'}", *SMALL, "shard_rows=32"]
+    store = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.extract", *args, f"store={store}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(store.glob("*/_commits/*.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process it started
+    proc.wait()
+    committed = len(list(store.glob("*/_commits/*.json")))
+    assert 1 <= committed < 8, f"{committed} shards committed before the kill"
+
+    resumed = extract(*args, f"store={store}")
+    assert resumed["reused_rows"] >= 32 and resumed["computed_rows"] == 256 - resumed["reused_rows"]
+    clean = extract(*args, f"store={tmp_path / 'clean'}")
+    assert clean["entry"] == resumed["entry"]
+    a = FeatureStore(str(store)).open(resumed["entry"])
+    b = FeatureStore(str(tmp_path / "clean")).open(clean["entry"])
+    assert a.manifest["checksums"] == b.manifest["checksums"]  # bit-exact, shard by shard
+
+
+def test_bad_config_fails_fast_naming_the_problem(tmp_path):
+    write_ava(tmp_path / "ava", good_images(2))
+    unknown = extract_cli(f"dataset.path={tmp_path / 'ava'}", "backbones=[resnet_9000]", f"store={tmp_path / 's'}")
+    assert unknown.returncode == 2 and "resnet_9000" in unknown.stderr and "Traceback" not in unknown.stderr
+    typo = extract_cli(f"dataset.path={tmp_path / 'ava'}", "weigths=random:0")
+    assert typo.returncode == 2 and "unknown config key 'weigths'" in typo.stderr
+    missing = extract_cli(f"dataset.path={tmp_path / 'nope'}", *SMALL, f"store={tmp_path / 's'}")
+    assert missing.returncode == 2 and "AVA.txt" in missing.stderr
+
+
+def test_help_lists_the_keys():
+    result = extract_cli("--help")
+    assert result.returncode == 0
+    for key in ("dataset.path", "dataset.format", "store", "backbones", "weights", "workers"):
+        assert key in result.stdout
+
+
+def test_cli_result_is_the_last_stdout_line(tmp_path):
+    write_ava(tmp_path / "ava", good_images(3))
+    result = extract_cli(f"dataset.path={tmp_path / 'ava'}", *SMALL, f"store={tmp_path / 'store'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["rows"] == out["ok"] == 3 and out["entry"].startswith("gsf-")
+    assert "images/s" in result.stderr  # progress on stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_gpu_extraction_uses_bf16_and_mixed_decode(ray_local, tmp_path):
+    write_ava(tmp_path / "ava", good_images(6))
+    result = extract(f"dataset.path={tmp_path / 'ava'}", f"store={tmp_path / 'store'}", "backbones=[resnet18]",
+                     "weights=random:0", "device=cuda")
+    spec = FeatureStore(str(tmp_path / "store")).open(result["entry"]).spec
+    assert spec.identity["extractor"]["compute_dtype"] == "bfloat16" and result["ok"] == 6
