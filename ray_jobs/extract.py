@@ -95,8 +95,9 @@ def main(cfg: ExtractConfig) -> dict:
                               compute_dtype="bfloat16" if use_gpu else "float32")
     del reference
     spec = gsf_entry_spec(manifest, extractor)
+    columns = {name: list(cols) for name, cols in extractor.column_ranges().items()}
     result = {"entry": spec.key, "store": store.url, "rows": len(manifest), "width": extractor.width,
-              "columns": extractor.column_ranges()}
+              "columns": columns}
 
     if store.state(spec.key) == "complete":
         done = store.open(spec.key).manifest
@@ -108,7 +109,7 @@ def main(cfg: ExtractConfig) -> dict:
     layout = EntryLayout(rows=len(manifest), shard_rows=shard_rows, chunk_rows=CHUNK_ROWS,
                          arrays=(ArraySpec("gsf", extractor.width, "float16"),))
     summary = f"GSF {'+'.join(b.name for b in extractor.backbones)} ({extractor.width}-d), {manifest.name}"
-    writer = store.create(spec, layout, attrs={"summary": summary, "columns": extractor.column_ranges()})
+    writer = store.create(spec, layout, attrs={"summary": summary, "columns": columns})
     writer.write_document("dataset", manifest.to_json())
     missing = writer.missing_shards()
     computed_rows = sum(b - a for a, b in map(layout.shard_range, missing))

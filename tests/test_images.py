@@ -123,7 +123,8 @@ DECODABLE = {
     "gif": (encode(Image.fromarray(COFFEE).convert("P"), "GIF"), None, 0),
     "jpeg with trailing data": (JPEG + b"\0" * 64 + b"motion photo", ASTRONAUT, 3),
     "jpeg with a thumbnail": (with_thumbnail(JPEG), ASTRONAUT, 3),
-    "exif-rotated jpeg": (encode(ORIENTED, "JPEG", quality=95, exif=_exif.tobytes()), np.rot90(ASTRONAUT[:, :300], -1), 3),
+    "exif-rotated jpeg": (encode(ORIENTED, "JPEG", quality=95, exif=_exif.tobytes()),
+                          np.rot90(ASTRONAUT[:, :300], -1), 3),
 }
 
 

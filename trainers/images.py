@@ -6,10 +6,11 @@ nvJPEG, ``"cpu"`` on libjpeg-turbo & co.), but one undecodable sample makes the 
 all of them and declares the pipeline invalid. So:
 
 1. Cheap checks first, on the bytes alone: empty input, a JPEG without its EOI marker, a PNG
-   without its IEND chunk, a WebP shorter than its RIFF size → "truncated image". Truncation is
-   a failure whichever decoder would see the file: libjpeg-turbo only *warns* on a premature
-   end, Pillow decodes a PNG whose IEND alone is missing, and an aesthetic model should not score
-   a half-grey picture. Then Pillow reads the header (lazily, ~60 µs): format and size.
+   without its IEND chunk, a WebP shorter than its RIFF size → "truncated image", whichever
+   decoder would see the file. DALI and Pillow each reject most truncated files, but not all
+   (Pillow decodes a PNG missing only its IEND) and not in the same words; and an aesthetic
+   model should not score a half-grey picture. Then Pillow reads the header (lazily, ~50 µs):
+   format and size.
 2. DALI decodes the batch. If the run raises, the pipeline is rebuilt (~7 ms on CPU) and the
    batch's images are decoded one by one, so only the bad ones fail.
 3. Whatever DALI cannot decode (GIF, ICO, …; a sample its run rejected) goes to Pillow, made
@@ -45,11 +46,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-#: Student input size (the paper's default view) and Table VII's pad-then-crop view.
-STUDENT_SIZE = (300, 300)
-PAPER_PAD_CROP = (800, 640)
 #: Pillow's names for the formats DALI's image decoder reads; the rest go straight to Pillow.
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "TIFF", "BMP", "PPM", "JPEG2000", "WEBP"})
+
 
 @dataclass(frozen=True, eq=False)
 class Decoded:
@@ -79,13 +78,13 @@ class _Rejected(Exception):
 def _jpeg_truncated(data: bytes) -> bool:
     """No EOI marker after the first scan starts. Walking the header segments skips an EXIF
     thumbnail's EOI; inside entropy-coded data 0xFF is always followed by 0x00 or a restart
-    marker, so the first 0xFFD9 after that is the image's own end (a C-speed search), and data
-    after it (motion photos, padding) does not matter."""
+    marker, so any 0xFFD9 after that is the image's own end: usually the last two bytes, else
+    found by a C-speed search, which lets data follow it (motion photos, padding)."""
     pos = 2
     while (pos := data.find(b"\xff", pos)) >= 0 and pos + 4 <= len(data):
         marker = data[pos + 1]
         if marker == 0xDA:  # start of scan
-            return data.find(b"\xff\xd9", pos) < 0
+            return not data.endswith(b"\xff\xd9") and data.find(b"\xff\xd9", pos) < 0
         if marker == 0xD9:  # EOI before any scan: not truncated, just not a picture
             return False
         if marker == 0xFF:  # fill byte
@@ -128,7 +127,8 @@ def _open(data: bytes) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise _Rejected(f"too large ({e}; raise PIL.Image.MAX_IMAGE_PIXELS to allow)", "none") from None
+        reason = f"too large ({str(e).rstrip('.')}; raise PIL.Image.MAX_IMAGE_PIXELS to allow)"
+        raise _Rejected(reason, "none") from None
     except UnidentifiedImageError:
         raise _Rejected("not an image (cannot identify format)", "pil") from None
     except Exception as e:  # a plugin that recognised the format but not this header
@@ -208,8 +208,8 @@ class ImageDecoder:
     "auto": mixed with CUDA, else cpu with DALI installed, else pil — fixed at construction,
     because a mixed pipeline cannot even be built without a GPU. ``batch_size`` bounds one DALI
     run; ``decode`` takes any number of inputs. Optional views, at most one: ``resize=(H, W)``
-    (the student's input, default size ``STUDENT_SIZE``) or ``pad_crop=(pad, crop)``
-    (``PAPER_PAD_CROP``); both apply after the ``max_pixels`` cap.
+    (the student's input; the paper's default is (300, 300)) or ``pad_crop=(pad, crop)``
+    (Table VII: (800, 640)); both apply after the ``max_pixels`` cap.
     """
 
     def __init__(self, device: str = "auto", *, max_pixels: int = 4096 * 4096, num_threads: int = 2,
