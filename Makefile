@@ -14,10 +14,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Main job on the embedded default (local directory store, CPU). Until the end-to-end pipeline
-# lands this runs the store benchmark, which writes and streams a realistic GSF entry.
+# Main job on the embedded default (local directory store, local Ray, CPU). Until the end-to-end
+# pipeline lands: generate the demo dataset (once), then extract teacher features with the real
+# pretrained EfficientNet-Lite trio at full resolution. A second `make demo` reuses the entry.
+DEMO_N ?= 120
 demo: $(STAMP)
-	$(PY) benchmarks/store_read.py
+	$(PY) -m ray_jobs.make_demo_data --out data/demo --n $(DEMO_N)
+	$(PY) -m ray_jobs.extract --config configs/extract_demo.yaml
 
 # Default test run: everything except tests marked slow or gpu.
 test: $(STAMP)
@@ -30,6 +33,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/codec_choice.py
 	$(PY) benchmarks/store_read.py
+	$(PY) benchmarks/extract.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -8,7 +8,7 @@ weight digests, input policy, precision). If that entry is complete, the job doe
 pass at all. Otherwise it computes only the shards that are not committed yet. The work unit is
 one store shard, handed to a pool of backbone actors by Ray Data (one GPU each when the cluster
 has GPUs). The last stdout line is a JSON object: entry, rows, ok, failed, computed_rows,
-reused_rows, forward_passes, seconds.
+reused_rows, forward_passes, reused, seconds (shard_seconds: the actors' time inside shards).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from featurestore.sources import SourceError
 from featurestore.specs import ExtractorSpec, gsf_entry_spec
 from featurestore.store import FeatureStore
 from ray_jobs.config import ConfigError, option, run_job
-from ray_jobs.runtime import Progress, cluster_gpus, init_ray, log
+from ray_jobs.runtime import Progress, cluster_gpus, init_ray, is_local, log
 from trainers.backbones import BackboneError, build_extractor, expand_names
 from trainers.extraction import SpecMismatch, ShardActor, input_policy
 from trainers.weights import WeightsError
@@ -86,8 +86,14 @@ def main(cfg: ExtractConfig) -> dict:
     store = FeatureStore(cfg.store)
     log(JOB, f"loading backbones {', '.join(cfg.backbones)} (weights: {cfg.weights})")
     reference = build_extractor(list(cfg.backbones), cfg.weights, device="cpu")
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    gpus = cluster_gpus()
+    # A local run's GPUs are this machine's: decide without starting Ray, so a reused entry is instant.
+    if is_local(cfg.ray_address):
+        import torch
+
+        gpus = torch.cuda.device_count()
+    else:
+        init_ray(cfg.ray_address, cfg.num_cpus)
+        gpus = cluster_gpus()
     if cfg.device == "cuda" and not gpus:
         raise ConfigError("device=cuda but the Ray cluster has no GPUs")
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
@@ -116,20 +122,22 @@ def main(cfg: ExtractConfig) -> dict:
     log(JOB, f"entry {spec.key}: {len(missing)} of {layout.num_shards} shards to compute "
              f"({computed_rows} rows, {len(manifest) - computed_rows} reused)")
 
+    init_ray(cfg.ray_address, cfg.num_cpus)
     progress = Progress(JOB, computed_rows, unit="images")
-    forward_passes = 0
+    forward_passes, shard_seconds = 0, 0.0
     if missing:
-        forward_passes = run_shards(cfg, store.url, spec, layout, manifest, missing, use_gpu, progress)
+        forward_passes, shard_seconds = run_shards(cfg, store.url, spec, layout, manifest, missing, use_gpu, progress)
     final = writer.finalize({"summary": summary})
     log(JOB, f"entry {spec.key} complete: {final['ok']} ok, {final['failed']} failed in {progress.seconds:.1f} s")
     return {**result, "ok": final["ok"], "failed": final["failed"], "computed_rows": computed_rows,
             "reused_rows": len(manifest) - computed_rows, "forward_passes": forward_passes, "reused": False,
-            "seconds": round(progress.seconds, 3), "images_per_s": round(computed_rows / max(progress.seconds, 1e-9), 2)}
+            "seconds": round(progress.seconds, 3), "shard_seconds": round(shard_seconds, 3), "images_per_s": round(computed_rows / max(progress.seconds, 1e-9), 2)}
 
 
 def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, manifest, shards: list[int],
-               use_gpu: bool, progress: Progress) -> int:
-    """Compute ``shards`` on an actor pool; returns the number of forward passes made."""
+               use_gpu: bool, progress: Progress) -> tuple[int, float]:
+    """Compute ``shards`` on an actor pool. Returns the number of forward passes made and the
+    actors' summed seconds inside shards (the job's time minus start-up and scheduling)."""
     import ray.data
 
     tasks = []
@@ -146,12 +154,13 @@ def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, ma
                                "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
                                "device": "cuda" if use_gpu else "cpu",
                                "threads": max(1, int(cfg.cpus_per_worker))})
-    forward_passes = 0
+    forward_passes, shard_seconds = 0, 0.0
     for row in results.iter_rows():
         shard = json.loads(row["result"])
         forward_passes += shard["forward_passes"]
+        shard_seconds += shard["seconds"]
         progress.add(shard["rows"])
-    return forward_passes
+    return forward_passes, shard_seconds
 
 
 if __name__ == "__main__":

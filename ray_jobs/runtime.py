@@ -9,9 +9,11 @@ import time
 # Ray Data's own progress bars and the AWS chain's credential messages would drown ours.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-#: Variables that workers of a pre-started cluster need from the submitter (DESIGN §5): they do
-#: not inherit its environment, so the job forwards these through ``runtime_env``. Values go to
-#: Ray only, never into the store, logs or results.
+#: Variables that workers of a pre-started cluster need from the driver (DESIGN §5): they do not
+#: inherit its environment. A driver that connects to a cluster by ``ray_address`` forwards these
+#: through ``runtime_env``; under ``ray job submit`` pass them with ``--runtime-env-json`` (the
+#: job's runtime env then covers every worker). Values go to Ray only, never into the store,
+#: logs or results.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                  "AKD_CACHE_DIR", "HF_HUB_OFFLINE")
@@ -25,18 +27,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
 
     if ray.is_initialized():
         return ray
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    runtime_env = {"env_vars": env} if env else None
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 runtime_env=runtime_env, log_to_driver=True)
+    if address:  # a driver outside the cluster: bring the S3 settings along
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+    elif not is_local(None):  # inside `ray job submit`: the job's runtime env applies
+        ray.init()
+    else:  # local instance: workers inherit this process's environment
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+def is_local(address: str | None) -> bool:
+    """True when the job will start its own Ray instance on this machine."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def cluster_gpus() -> int:

@@ -31,6 +31,7 @@ def ray_head(s3_endpoint, tmp_path_factory):
     dashboard = free_port()
     env = {k: v for k, v in os.environ.items() if k not in FORWARDED_ENV}
     env["RAY_AUTH_MODE"] = "disabled"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` = this venv, as if activated
     temp = tmp_path_factory.mktemp("ray")
     subprocess.run([RAY, "start", "--head", f"--port={free_port()}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}"],
@@ -39,7 +40,6 @@ def ray_head(s3_endpoint, tmp_path_factory):
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
-@pytest.mark.slow
 def test_extract_under_ray_job_submit_to_an_s3_store(ray_head, tmp_path, s3_bucket):
     write_ava(tmp_path / "ava", good_images(4))
     store = f"s3://{s3_bucket}/features"
