@@ -151,7 +151,7 @@ def test_bad_inputs_raise():
 
 # ---- per category (Table IX) -----------------------------------------------------------------
 
-TAGS = np.array([(1, 2), (1, 0), (0, 0), (2, 2), (3, 1), (0, 3), (4, 0)])
+TAGS = np.array([(3, 2), (3, 0), (0, 0), (2, 2), (1, 3), (0, 1), (4, 0)])
 NAMES = ((1, "Still life"), (2, "Architecture"), (3, "Landscape"))
 
 
@@ -159,11 +159,12 @@ def test_per_category_counts_and_values_by_hand():
     rng = np.random.default_rng(6)
     pred, gt = random_dists(rng, 7), random_dists(rng, 7)
     rows = per_category(pred, gt, TAGS, NAMES)
-    # tag 1: images 0, 1, 4; tag 2: images 0, 3 (same tag twice counts once); tag 3: 4, 5; tag 4: 6
+    # tag 3: images 0, 1, 4; tag 2: images 0, 3 (same tag twice counts once); tag 1: 4, 5; tag 4: 6
+    # largest first, ties by tag id
     assert [(r["tag"], r["name"], r["n"]) for r in rows] == [
-        (1, "Still life", 3), (2, "Architecture", 2), (3, "Landscape", 2), (4, "tag 4", 1)]
+        (3, "Landscape", 3), (1, "Still life", 2), (2, "Architecture", 2), (4, "tag 4", 1)]
     assert [r["portion"] for r in rows] == pytest.approx([3 / 7, 2 / 7, 2 / 7, 1 / 7])
-    members = {1: [0, 1, 4], 2: [0, 3], 3: [4, 5], 4: [6]}
+    members = {3: [0, 1, 4], 2: [0, 3], 1: [4, 5], 4: [6]}
     for row in rows:
         idx = members[row["tag"]]
         ps, gs = ref_mean_score(pred[idx]), ref_mean_score(gt[idx])
@@ -179,8 +180,8 @@ def test_per_category_counts_and_values_by_hand():
 def test_per_category_min_count_mapping_names_and_errors():
     rng = np.random.default_rng(7)
     pred, gt = random_dists(rng, 7), random_dists(rng, 7)
-    assert [r["tag"] for r in per_category(pred, gt, TAGS, dict(NAMES), min_count=2)] == [1, 2, 3]
-    assert [r["tag"] for r in per_category(pred, gt, TAGS, NAMES, min_count=3)] == [1]
+    assert [r["tag"] for r in per_category(pred, gt, TAGS, dict(NAMES), min_count=2)] == [3, 1, 2]
+    assert [r["tag"] for r in per_category(pred, gt, TAGS, NAMES, min_count=3)] == [3]
     assert per_category(pred, gt, np.zeros((7, 2), dtype=int), NAMES) == []
     with pytest.raises(ValueError, match="tags"):
         per_category(pred, gt, TAGS[:6], NAMES)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -173,7 +174,7 @@ def _terms(spec: LossSpec) -> dict[str, float]:
         "kd": {"emd_teacher": o, "feature_mse": f},
         "kd_feature_only": {"emd_gt": o, "feature_mse": f},
         "kd_output_only": {"emd_teacher": o},
-        "mixed_loss": {"emd_teacher": o * a, "emd_gt": o * (1 - a), "feature_mse": f},
+        "mixed_loss": {"emd_teacher": o * (1 - a), "emd_gt": o * a, "feature_mse": f},
         "mixed_label": {"emd_mixed_label": o, "feature_mse": f},
         "bce": {"bce_teacher": o, "feature_mse": f},
         "bce_baseline": {"bce_gt": o},
