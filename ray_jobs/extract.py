@@ -78,6 +78,19 @@ def pick_shard_rows(rows: int, width: int, workers: int) -> int:
     return max(CHUNK_ROWS, min(by_size, by_parallelism))
 
 
+def resolve_entry(cfg: ExtractConfig, store: FeatureStore) -> str:
+    """The key of the complete GSF entry this extraction config produced (CPU or GPU run)."""
+    manifest = load_dataset(cfg.dataset.path, cfg.dataset.format, name=cfg.dataset.name,
+                            test_fraction=cfg.dataset.test_fraction)
+    specs = build_extractor(list(cfg.backbones), cfg.weights, device="cpu").specs
+    for dtype in ("float32", "bfloat16"):
+        extractor = ExtractorSpec(backbones=specs, input_policy=input_policy(cfg.max_pixels), compute_dtype=dtype)
+        key = gsf_entry_spec(manifest, extractor).key
+        if store.state(key) == "complete":
+            return key
+    raise ConfigError(f"no complete GSF entry for this extraction config in {store.url}; run ray_jobs.extract first")
+
+
 def main(cfg: ExtractConfig) -> dict:
     expand_names(cfg.backbones)  # an unknown backbone fails before any slow step
     log(JOB, f"indexing dataset {cfg.dataset.path} ({cfg.dataset.format})")

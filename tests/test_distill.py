@@ -1,0 +1,137 @@
+"""The distiller job on a synthetic GSF entry with a known signal, on local and S3 stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from featurestore.layout import STATUS_FAILED, ArraySpec, EntryLayout
+from featurestore.specs import EntrySpec
+from featurestore.store import FeatureStore
+from trainers.distiller import DistillerSpec
+from trainers.knowledge import KnowledgeError, distill
+from trainers.metrics import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+N, NOISE, SIGNAL = 480, 32, 48
+CPU = torch.device("cpu")
+SMALL = dict(hidden=(64, 16), epochs=25, batch_size=64, lr=2e-3, lr_step_epochs=10)
+
+
+def synthetic_gsf_entry(url: str, test_outlier: float | None = None) -> tuple[str, dict]:
+    """Backbone 'noise' (32 columns) carries nothing; 'signal' (48 columns, column j centred on 10 + j)
+    determines the score. Every 5th row is test; row 7 failed extraction."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1, (N, NOISE))
+    signal = 10 + np.arange(SIGNAL) + rng.normal(0, 0.5, (N, SIGNAL))
+    quality = 5 + 3 * np.tanh((signal - 10 - np.arange(SIGNAL))[:, :8].sum(1) / 2)
+    raters = np.clip(np.rint(quality[:, None] + rng.normal(0, 1.2, (N, 100))), 1, 10).astype(int)
+    votes = np.stack([(raters == k).sum(1) for k in range(1, 11)], 1)
+    splits = np.array(["test" if i % 5 == 0 else "train" for i in range(N)])
+    gsf = np.concatenate([noise, signal], 1).astype(np.float16)
+    if test_outlier is not None:
+        gsf[splits == "test"] = test_outlier  # would wreck BatchNorm's statistics if fitted on
+    spec = EntrySpec("gsf", {"synthetic": "distill-test", "outlier": test_outlier})
+    layout = EntryLayout(rows=N, shard_rows=128, chunk_rows=32, arrays=(ArraySpec("gsf", NOISE + SIGNAL, "float16"),))
+    writer = FeatureStore(url).create(spec, layout, attrs={"columns": {"noise": [0, NOISE],
+                                                                       "signal": [NOISE, NOISE + SIGNAL]}})
+    writer.write_document("dataset", {"votes": votes.tolist(), "splits": splits.tolist(),
+                                      "tags": [[1 + i % 2, 0] for i in range(N)],
+                                      "tag_names": [[1, "Animals"], [2, "Urban"]]})
+    for shard in writer.missing_shards():
+        start, stop = layout.shard_range(shard)
+        failures = {7: "cannot decode"} if start <= 7 < stop else {}
+        block = gsf[start:stop].copy()
+        for r in failures:
+            block[r - start] = 0
+        writer.write_shard(shard, {"gsf": block}, failures=failures)
+    writer.finalize()
+    return spec.key, {"votes": votes, "splits": splits, "signal_mean": signal[splits == "train"].mean(0)}
+
+
+def test_distiller_learns_the_signal_and_writes_a_knowledge_entry(store_url):
+    parent, truth = synthetic_gsf_entry(store_url)
+    store = FeatureStore(store_url)
+    result = distill(store, parent, DistillerSpec(backbones=("signal", "noise"), **SMALL), CPU)
+    assert result["reused"] is False and result["parent"] == parent
+    assert result["train_rows"] == 383 and result["test_rows"] == 96  # row 7 (train) failed extraction
+
+    test = truth["splits"] == "test"
+    gt = truth["votes"][test] / truth["votes"][test].sum(1, keepdims=True)
+    train_mean = (truth["votes"][~test] / truth["votes"][~test].sum(1, keepdims=True)).mean(0)
+    trivial = evaluate(np.tile(train_mean, (len(gt), 1)), gt)
+    assert result["test"]["srcc"] > 0.6
+    assert result["test"]["emd"] < 0.75 * trivial["emd"]
+
+    knowledge = store.open(result["entry"])
+    assert knowledge.spec.parent == parent and knowledge.spec.kind == "knowledge"
+    assert knowledge.spec.producer["backbones"] == ["noise", "signal"]  # entry order, whatever was asked
+    arrays = knowledge.read_range(0, N)
+    assert arrays["feature"].shape == (N, 16) and arrays["distribution"].shape == (N, 10)
+    ok = knowledge.status() != STATUS_FAILED
+    assert not ok[7] and "cannot decode" in knowledge.failures()[7]
+    np.testing.assert_allclose(arrays["distribution"][ok].sum(1), 1, atol=1e-5)
+    assert np.all(arrays["feature"][ok] >= 0)  # f_t is the post-ReLU input of the last layer
+    state = load_safetensors(knowledge.read_blob("distiller.safetensors"))
+    assert state["fc2.weight"].shape == (16, 64) and state["norm.weight"].shape == (NOISE + SIGNAL,)
+
+    again = distill(store, parent, DistillerSpec(backbones=("noise", "signal"), **SMALL), CPU)
+    assert again["reused"] and again["entry"] == result["entry"] and again["test"] == result["test"]
+    other_seed = distill(store, parent, DistillerSpec(backbones=("noise", "signal"), seed=1, **{**SMALL, "epochs": 1}),
+                         CPU)
+    assert other_seed["entry"] != result["entry"] and not other_seed["reused"]
+
+
+def test_backbone_subset_uses_exactly_its_columns(local_store_url):
+    parent, truth = synthetic_gsf_entry(local_store_url)
+    store = FeatureStore(local_store_url)
+    signal = distill(store, parent, DistillerSpec(backbones=("signal",), **SMALL), CPU)
+    noise = distill(store, parent, DistillerSpec(backbones=("noise",), **SMALL), CPU)
+    state = load_safetensors(store.open(signal["entry"]).read_blob("distiller.safetensors"))
+    assert state["norm.running_mean"].shape == (SIGNAL,)
+    # column j of 'signal' is centred on 10 + j: BatchNorm saw exactly those columns, in order
+    np.testing.assert_allclose(state["norm.running_mean"].numpy(), truth["signal_mean"], atol=0.5)
+    assert signal["test"]["srcc"] > 0.6 > noise["test"]["srcc"]
+    with pytest.raises(KnowledgeError, match="no backbone"):
+        distill(store, parent, DistillerSpec(backbones=("missing",), **SMALL), CPU)
+
+
+def test_test_rows_never_enter_fitting(local_store_url):
+    parent, _ = synthetic_gsf_entry(local_store_url, test_outlier=5000.0)
+    store = FeatureStore(local_store_url)
+    result = distill(store, parent, DistillerSpec(backbones=("signal",), **{**SMALL, "epochs": 3}), CPU)
+    state = load_safetensors(store.open(result["entry"]).read_blob("distiller.safetensors"))
+    assert float(state["norm.running_mean"].max()) < 100  # test rows sit at 5000
+    assert result["train_rows"] == 383
+
+
+def test_matching_analysis_and_per_category(local_store_url):
+    parent, _ = synthetic_gsf_entry(local_store_url)
+    store = FeatureStore(local_store_url)
+    result = distill(store, parent, DistillerSpec(backbones=("noise", "signal"), **SMALL), CPU, matching=True)
+    assert set(result["matching"]) == {"gsf", "teacher_feature"}
+    # f_t was shaped by the aesthetic labels; the raw GSF is half noise
+    assert result["matching"]["teacher_feature"]["srcc"] > result["matching"]["gsf"]["srcc"]
+    table = store.open(result["entry"]).read_document("metrics")["per_category"]
+    assert {row["name"] for row in table} == {"Animals", "Urban"} and sum(row["n"] for row in table) == 96
+
+
+def test_distill_job_cli_and_bad_subset(local_store_url):
+    parent, _ = synthetic_gsf_entry(local_store_url)
+    args = [sys.executable, "-m", "ray_jobs.distill", f"store={local_store_url}", f"gsf_entry={parent}",
+            "hidden=[32,8]", "epochs=2", "batch_size=64"]
+    ok = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, env=os.environ.copy())
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    out = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert out["parent"] == parent and set(out["test"]) >= {"srcc", "plcc", "acc", "emd"}
+    assert "epoch 2/2" in ok.stderr
+    bad = subprocess.run(args + ["backbones=[resnet9000]"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "resnet9000" in bad.stderr and "Traceback" not in bad.stderr
