@@ -82,6 +82,11 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return {str(k): _convert(v, vt, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

@@ -1,0 +1,642 @@
+"""The cluster configs under cluster/: fast, offline checks that they are valid and agree with the code.
+
+* cluster/aws.yaml goes through the Ray cluster launcher's own checks as `ray up` runs them
+  (``prepare_config``, which merges the AWS defaults, then ``validate_config`` against
+  ``ray/autoscaler/ray-schema.json``). Deliberately broken copies must be rejected.
+* The KubeRay manifests are checked for the structure that matters: ray.io/v1, a head that runs
+  no tasks, GPU limits on the workers, the project image and service account, token auth, and
+  entrypoints. An entrypoint must name a job module that exists, a config file that exists, and
+  config keys the job knows (read from the job's dataclasses with ``ast``, without importing
+  it). The checks are functions that return a list of problems, and each is also shown to
+  catch a broken copy.
+* cluster/Dockerfile must install the torch/torchvision pinned in pyproject.toml, the DALI
+  package pyproject.toml asks for, and one CUDA major version throughout.
+* cluster/request_gpus.py is tested with a fake autoscaler and clock.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import importlib.util
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+AWS_YAML = CLUSTER / "aws.yaml"
+DOCKERFILE = CLUSTER / "Dockerfile"
+README = CLUSTER / "README.md"
+PAPER_EXTRACT = ROOT / "configs" / "extract_paper_ava.yaml"
+RAYJOB_FILES = {"extract": "rayjob-extract.yaml", "distill": "rayjob-distill.yaml", "train_student": "rayjob-train.yaml"}
+#: Jobs whose module must exist today. train_student is being written: if its module is absent,
+#: only the entrypoint's form is checked.
+REQUIRED_JOBS = ("extract", "distill")
+SECRET_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
+
+
+@functools.cache
+def pyproject_requirements() -> dict[str, Requirement]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {(r := Requirement(d)).name.lower(): r for d in deps}
+
+
+def exact_pin(req: Requirement) -> str:
+    (spec,) = req.specifier
+    assert spec.operator == "==", f"{req} is not an exact pin"
+    return spec.version
+
+
+@functools.cache
+def paper_extract() -> dict:
+    return yaml.safe_load(PAPER_EXTRACT.read_text())
+
+
+def cpu_quantity(value) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Job config keys, read from the job modules' dataclasses without importing them
+# ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def config_key_tree(module_file: Path) -> dict:
+    """{key: subtree or None} of the config dataclass that ``run_job(JOB, Cls, ...)`` receives."""
+    tree = ast.parse(module_file.read_text())
+    classes: dict[str, ast.ClassDef] = {}
+    root = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            classes[node.name] = node
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_job" and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Name)):
+            root = node.args[1].id
+    assert root, f"{module_file}: no run_job(JOB, ConfigClass, ...) call"
+
+    def fields(name: str) -> dict:
+        out = {}
+        for stmt in classes[name].body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                ann = stmt.annotation
+                nested = ann.id if isinstance(ann, ast.Name) and ann.id in classes else None
+                out[stmt.target.id] = fields(nested) if nested else None
+        return out
+
+    return fields(root)
+
+
+def key_problems(tree: dict, path: list[str], where: str) -> list[str]:
+    node = tree
+    for i, part in enumerate(path):
+        if not isinstance(node, dict) or part not in node:
+            return [f"{where}: unknown config key {'.'.join(path[:i + 1])!r}"]
+        node = node[part]
+    return []
+
+
+def config_file_problems(tree: dict, data: dict, where: str, prefix: tuple[str, ...] = ()) -> list[str]:
+    problems = []
+    for key, value in data.items():
+        path = [*prefix, key]
+        problems += key_problems(tree, path, where)
+        sub = tree
+        for part in path:
+            sub = sub.get(part) if isinstance(sub, dict) else None
+        if isinstance(sub, dict) and isinstance(value, dict):
+            problems += config_file_problems(tree, value, where, tuple(path))
+    return problems
+
+
+def entrypoint_problems(entrypoint: str, where: str) -> list[str]:
+    """`python -m ray_jobs.<job> [--config FILE] [key=value ...]`: the module exists (or is
+    train_student, still being written), FILE exists, and every key is one the job knows."""
+    argv = shlex.split(entrypoint)
+    if argv[:2] != ["python", "-m"] or len(argv) < 3 or not re.fullmatch(r"ray_jobs\.\w+", argv[2]):
+        return [f"{where}: entrypoint {entrypoint!r} is not `python -m ray_jobs.<job> ...`"]
+    job = argv[2].split(".", 1)[1]
+    module = ROOT / "ray_jobs" / f"{job}.py"
+    problems, config, overrides, args = [], None, [], argv[3:]
+    while args:
+        arg = args.pop(0)
+        if arg == "--config":
+            config = args.pop(0) if args else None
+            if not config:
+                problems.append(f"{where}: --config without a file")
+        elif re.fullmatch(r"[A-Za-z_][\w.]*=.*", arg, flags=re.S):
+            overrides.append(arg)
+        else:
+            problems.append(f"{where}: argument {arg!r} is neither --config FILE nor key=value")
+    for value in [config or ""] + [o.split("=", 1)[1] for o in overrides]:
+        if value.startswith("configs/") and not (ROOT / value).is_file():
+            problems.append(f"{where}: config file {value} does not exist")
+    if not module.is_file():
+        if job in REQUIRED_JOBS or job != "train_student":  # train_student: being written
+            problems.append(f"{where}: module ray_jobs/{job}.py does not exist")
+        return problems
+    tree = config_key_tree(module)
+    if config and (ROOT / config).is_file():
+        problems += config_file_problems(tree, yaml.safe_load((ROOT / config).read_text()) or {}, f"{where} ({config})")
+    for override in overrides:
+        problems += key_problems(tree, override.split("=", 1)[0].split("."), where)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster/aws.yaml: Ray's own validation
+# ---------------------------------------------------------------------------------------------
+
+def ray_validate(config: dict, mutate=None) -> dict:
+    """What `ray up` does offline: merge the provider defaults, then validate against Ray's
+    schema (and its extra checks). ``mutate`` breaks the merged config before validation."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    if mutate:
+        mutate(prepared)
+    validate_config(prepared)
+    return prepared
+
+
+@functools.cache
+def _aws_config() -> dict:
+    return yaml.safe_load(AWS_YAML.read_text())
+
+
+def aws_config() -> dict:
+    return copy.deepcopy(_aws_config())
+
+
+def test_aws_config_passes_rays_cluster_config_validation():
+    prepared = ray_validate(aws_config())
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+def _drop(key):
+    return lambda c: c.pop(key)
+
+
+def _set(path, value):
+    def mutate(c):
+        node = c
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate", [
+    _set(["max_worker"], 8),                                                   # unknown top-level key
+    _drop("provider"),                                                         # required
+    _set(["available_node_types", "gpu_spot", "min_worker"], 0),              # typo in a node type
+    _set(["available_node_types", "gpu_spot", "resources", "GPU"], 0.5),      # resources are integers
+    _set(["docker", "imagee"], "x"),                                           # unknown docker key
+    _set(["head_node_type"], "no-such-type"),                                  # not among the node types
+    _set(["available_node_types", "gpu_spot", "min_workers"], 99),            # sum(min_workers) > max_workers
+], ids=["unknown-top-level-key", "missing-provider", "node-type-typo", "fractional-gpu", "unknown-docker-key",
+        "bad-head-type", "min-over-max"])
+def test_broken_aws_configs_fail_rays_validation(mutate):
+    import jsonschema
+
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        ray_validate(aws_config(), mutate)
+
+
+def aws_problems(cfg: dict) -> list[str]:
+    """The cluster's shape, beyond the schema."""
+    problems = []
+    extract = paper_extract()
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    if head["resources"].get("CPU") != 0 or head["resources"].get("GPU", 0):
+        problems.append("the head must advertise CPU: 0 and no GPU (nothing scheduled on it)")
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    for name, t in workers.items():
+        if t["resources"].get("GPU", 0) < 1:
+            problems.append(f"{name}: worker types are GPU types")
+        if t["resources"].get("CPU", 0) <= extract["cpus_per_worker"]:
+            problems.append(f"{name}: needs more CPUs than cpus_per_worker ({extract['cpus_per_worker']}) for Ray Data's tasks")
+        if t.get("min_workers", 0) != 0:
+            problems.append(f"{name}: GPU workers must scale from 0")
+    spot = [n for n, t in workers.items() if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    if not spot:
+        problems.append("no spot GPU worker type")
+    elif max(workers[n].get("max_workers", 0) for n in spot) < extract["workers"]:
+        problems.append(f"the spot type cannot reach the {extract['workers']} workers of {PAPER_EXTRACT.name}")
+    if cfg["max_workers"] < extract["workers"]:
+        problems.append(f"max_workers < workers of {PAPER_EXTRACT.name}")
+    for name, t in types.items():
+        arn = t["node_config"].get("IamInstanceProfile", {}).get("Arn", "")
+        if not re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", arn):
+            problems.append(f"{name}: needs an IamInstanceProfile Arn (S3 through the instance role)")
+    if not cfg.get("idle_timeout_minutes", 0) > 0:
+        problems.append("idle_timeout_minutes must be set")
+    if not cfg.get("docker", {}).get("image"):
+        problems.append("docker.image must be the project image")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        if not any("RAY_AUTH_MODE=token" in c for c in cfg[key]):
+            problems.append(f"{key}: token auth (RAY_AUTH_MODE=token) is not enabled")
+    if "~/.ray/auth_token" not in cfg.get("file_mounts", {}):
+        problems.append("file_mounts must carry ~/.ray/auth_token to every node")
+    if not any("--autoscaling-config=~/ray_bootstrap_config.yaml" in c for c in cfg["head_start_ray_commands"]):
+        problems.append("the head must start the autoscaler")
+    return problems
+
+
+def test_aws_cluster_shape():
+    assert aws_problems(aws_config()) == []
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (_set(["available_node_types", "head", "resources"], {"CPU": 8}), "CPU: 0"),
+    (_set(["available_node_types", "gpu_spot", "resources", "CPU"], 4), "more CPUs"),
+    (lambda c: c["available_node_types"]["gpu_spot"]["node_config"].pop("InstanceMarketOptions"), "spot"),
+    (lambda c: c["available_node_types"]["gpu_spot"]["node_config"].pop("IamInstanceProfile"), "IamInstanceProfile"),
+    (_set(["worker_start_ray_commands"], ["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]), "token auth"),
+    (_set(["max_workers"], 2), "max_workers"),
+])
+def test_aws_shape_checks_catch_breakage(mutate, expected):
+    cfg = aws_config()
+    mutate(cfg)
+    assert any(expected in p for p in aws_problems(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay manifests
+# ---------------------------------------------------------------------------------------------
+
+@functools.cache
+def _kuberay_docs() -> tuple[tuple[str, dict], ...]:
+    docs = []
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    return tuple(docs)
+
+
+def kuberay_docs() -> list[tuple[str, dict]]:
+    """Every document of every manifest (deep copies: tests may change them)."""
+    return copy.deepcopy(list(_kuberay_docs()))
+
+
+def service_account() -> tuple[str, str]:
+    (sa,) = [d for _, d in kuberay_docs() if d.get("kind") == "ServiceAccount"]
+    return sa["metadata"]["name"], sa["metadata"].get("annotations", {}).get("eks.amazonaws.com/role-arn", "")
+
+
+@functools.cache
+def dockerfile_workdir() -> str:
+    return [line.split(None, 1)[1].strip() for line in DOCKERFILE.read_text().splitlines() if line.startswith("WORKDIR ")][-1]
+
+
+def env_problems(env: list[dict] | dict, where: str) -> list[str]:
+    names = set(env) if isinstance(env, dict) else {e["name"] for e in env}
+    return [f"{where}: secret {n} must not be set in a manifest" for n in sorted(names & SECRET_ENV)]
+
+
+def pod_problems(template: dict, where: str, image: str, sa: str, gpu: bool) -> list[str]:
+    problems = []
+    spec = template["spec"]
+    if spec.get("serviceAccountName") != sa:
+        problems.append(f"{where}: serviceAccountName must be {sa!r} (IRSA role for S3)")
+    container = spec["containers"][0]
+    if container.get("image") != image:
+        problems.append(f"{where}: image {container.get('image')!r} is not the project image {image!r}")
+    resources = container.get("resources", {})
+    limits, requests = resources.get("limits", {}), resources.get("requests", {})
+    if gpu:
+        if limits.get("nvidia.com/gpu") != 1:
+            problems.append(f"{where}: GPU workers need limits nvidia.com/gpu: 1")
+        if requests.get("nvidia.com/gpu", 1) != limits.get("nvidia.com/gpu"):
+            problems.append(f"{where}: GPU requests and limits differ")
+        if cpu_quantity(limits.get("cpu", 0)) <= paper_extract()["cpus_per_worker"]:
+            problems.append(f"{where}: needs more CPUs than cpus_per_worker for Ray Data's tasks")
+        if not any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])):
+            problems.append(f"{where}: no toleration for the nvidia.com/gpu taint")
+    elif "nvidia.com/gpu" in limits or "nvidia.com/gpu" in requests:
+        problems.append(f"{where}: the head must not take a GPU")
+    problems += env_problems(container.get("env", []), where)
+    return problems
+
+
+def cluster_spec_problems(spec: dict, where: str, image: str, sa: str) -> list[str]:
+    problems = []
+    ray_req = pyproject_requirements()["ray"]
+    if str(spec.get("rayVersion")) not in ray_req.specifier:
+        problems.append(f"{where}: rayVersion {spec.get('rayVersion')!r} is outside pyproject's {ray_req}")
+    if spec.get("authOptions", {}).get("mode") != "token":
+        problems.append(f"{where}: authOptions.mode must be token")
+    head = spec["headGroupSpec"]
+    if head.get("rayStartParams", {}).get("num-cpus") != "0":
+        problems.append(f"{where}: head rayStartParams num-cpus must be \"0\" (no tasks on the head)")
+    problems += pod_problems(head["template"], f"{where} head", image, sa, gpu=False)
+    groups = spec.get("workerGroupSpecs") or []
+    if not groups:
+        problems.append(f"{where}: no worker group")
+    for group in groups:
+        gw = f"{where} group {group.get('groupName')!r}"
+        lo, n, hi = group.get("minReplicas", 0), group.get("replicas", 0), group.get("maxReplicas", 0)
+        if not (0 <= lo <= n <= hi and hi >= 1):
+            problems.append(f"{gw}: needs minReplicas <= replicas <= maxReplicas, maxReplicas >= 1")
+        problems += pod_problems(group["template"], gw, image, sa, gpu=True)
+    for params, w in [(head.get("rayStartParams", {}), "head")] + [(g.get("rayStartParams", {}), g.get("groupName"))
+                                                                    for g in groups]:
+        if any(not isinstance(v, str) for v in params.values()):
+            problems.append(f"{where} {w}: rayStartParams values must be strings (the CRD's map[string]string)")
+    return problems
+
+
+def kuberay_problems(name: str, doc: dict, image: str, sa: str) -> list[str]:
+    kind = doc.get("kind")
+    if kind == "ServiceAccount":
+        return []
+    if doc.get("apiVersion") != "ray.io/v1":
+        return [f"{name}: apiVersion {doc.get('apiVersion')!r} is not ray.io/v1"]
+    spec = doc["spec"]
+    if kind == "RayCluster":
+        problems = cluster_spec_problems(spec, name, image, sa)
+        if spec.get("enableInTreeAutoscaling") is not True:
+            problems.append(f"{name}: the long-running cluster must autoscale")
+        for group in spec.get("workerGroupSpecs", []):
+            if group.get("minReplicas", 0) != 0 or group.get("maxReplicas", 0) < paper_extract()["workers"]:
+                problems.append(f"{name}: GPU group must scale from 0 to at least {paper_extract()['workers']}")
+        return problems
+    if kind != "RayJob":
+        return [f"{name}: unexpected kind {kind!r}"]
+    problems = entrypoint_problems(spec.get("entrypoint", ""), name)
+    job = re.search(r"ray_jobs\.(\w+)", spec.get("entrypoint", ""))
+    if not job or RAYJOB_FILES.get(job.group(1)) != name:
+        problems.append(f"{name}: entrypoint runs {job and job.group(1)!r}, not the job this file is named for")
+    if spec.get("shutdownAfterJobFinishes") is not True:
+        problems.append(f"{name}: shutdownAfterJobFinishes must be true (the cluster goes away with the job)")
+    if spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+        problems.append(f"{name}: working_dir is a path in the image: needs the K8sJobMode submitter")
+    runtime_env = yaml.safe_load(spec.get("runtimeEnvYAML") or "") or {}
+    env_vars = runtime_env.get("env_vars", {})
+    if not env_vars.get("AWS_REGION"):
+        problems.append(f"{name}: runtimeEnvYAML env_vars must set AWS_REGION")
+    if any(not isinstance(v, str) for v in env_vars.values()):
+        problems.append(f"{name}: runtimeEnvYAML env_vars values must be strings")
+    problems += env_problems(env_vars, f"{name} runtimeEnvYAML")
+    if runtime_env.get("working_dir") != dockerfile_workdir():
+        problems.append(f"{name}: working_dir must be the image's WORKDIR {dockerfile_workdir()!r}")
+    if "rayClusterSpec" not in spec:
+        return problems + [f"{name}: needs a rayClusterSpec"]
+    problems += cluster_spec_problems(spec["rayClusterSpec"], name, image, sa)
+    if job and job.group(1) == "extract":
+        groups = spec["rayClusterSpec"].get("workerGroupSpecs", [])
+        if sum(g.get("minReplicas", 0) for g in groups) < paper_extract()["workers"]:
+            problems.append(f"{name}: fewer fixed GPU workers than the extraction's actors (GPUs must exist at start)")
+    return problems
+
+
+def test_kuberay_manifests_parse_and_hold_their_structure():
+    docs = kuberay_docs()
+    kinds = sorted(d["kind"] for _, d in docs)
+    assert kinds == ["RayCluster", "RayJob", "RayJob", "RayJob", "ServiceAccount"]
+    assert {n for n, d in docs if d["kind"] == "RayJob"} == set(RAYJOB_FILES.values())
+    sa, role = service_account()
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", role), "the service account needs an IRSA role"
+    image = aws_config()["docker"]["image"]  # one image for the launcher and for Kubernetes
+    problems = [p for name, doc in docs for p in kuberay_problems(name, doc, image, sa)]
+    assert problems == []
+
+
+def _rayjob(name: str) -> dict:
+    return next(d for n, d in kuberay_docs() if n == name)
+
+
+def _worker(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "apiVersion"),
+    (lambda d: _worker(d)["resources"]["limits"].pop("nvidia.com/gpu"), "nvidia.com/gpu: 1"),
+    (lambda d: d["spec"].update(entrypoint="python -m ray_jobs.extrakt --config configs/extract_paper_ava.yaml"),
+     "does not exist"),
+    (lambda d: d["spec"].update(entrypoint="python -m ray_jobs.extract --config configs/no_such.yaml"), "does not exist"),
+    (lambda d: d["spec"].update(entrypoint="python -m ray_jobs.extract --config configs/extract_paper_ava.yaml devise=cuda"),
+     "unknown config key 'devise'"),
+    (lambda d: d["spec"].update(entrypoint="python -m ray_jobs.distill store=s3://b/s gsf_entry=configs/extract_paper_ava.yaml"),
+     "not the job this file is named for"),
+    (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "num-cpus"),
+    (lambda d: _worker(d).setdefault("env", []).append({"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}), "secret"),
+    (lambda d: d["spec"].update(runtimeEnvYAML="env_vars: {}\n"), "AWS_REGION"),
+    (lambda d: d["spec"].update(shutdownAfterJobFinishes=False), "shutdownAfterJobFinishes"),
+    (lambda d: _worker(d).update(image="rayproject/ray:2.60.0-gpu"), "project image"),
+    (lambda d: d["spec"]["rayClusterSpec"].update(rayVersion="2.59.0"), "rayVersion"),
+    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=2, replicas=2), "fewer fixed GPU"),
+])
+def test_kuberay_checks_catch_breakage(mutate, expected):
+    doc = copy.deepcopy(_rayjob("rayjob-extract.yaml"))
+    sa, _ = service_account()
+    image = aws_config()["docker"]["image"]
+    assert kuberay_problems("rayjob-extract.yaml", doc, image, sa) == []
+    mutate(doc)
+    problems = kuberay_problems("rayjob-extract.yaml", doc, image, sa)
+    assert any(expected in p for p in problems), problems
+
+
+def test_train_entrypoint_form():
+    """The student trainer's entrypoint: key=value overrides only (no config file for it exists)."""
+    argv = shlex.split(_rayjob("rayjob-train.yaml")["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "ray_jobs.train_student"]
+    keys = {a.split("=", 1)[0] for a in argv[3:]}
+    assert all("=" in a for a in argv[3:]) and {"store", "knowledge_entry", "student.backbone", "num_workers"} <= keys
+    assert yaml.safe_load(next(a for a in argv if a.startswith("num_workers=")).split("=", 1)[1]) == [1, 8]
+
+
+# ---------------------------------------------------------------------------------------------
+# README: every command and config it names exists
+# ---------------------------------------------------------------------------------------------
+
+def readme_commands() -> list[str]:
+    text = README.read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [line[line.index("python -m ray_jobs."):].split("#")[0] for line in lines if "python -m ray_jobs." in line]
+
+
+def test_readme_commands_and_configs_exist():
+    commands = readme_commands()
+    assert {re.search(r"ray_jobs\.(\w+)", c).group(1) for c in commands} == set(RAYJOB_FILES)
+    problems = [p for c in commands for p in entrypoint_problems(c, "cluster/README.md")]
+    assert problems == []
+    referenced = set(re.findall(r"configs/[\w.-]+\.ya?ml", "\n".join(p.read_text() for p in CLUSTER.rglob("*")
+                                                                       if p.is_file() and p.suffix in {".md", ".yaml"})))
+    assert referenced and all((ROOT / c).is_file() for c in referenced), referenced
+
+
+def test_entrypoint_checks_catch_breakage():
+    assert entrypoint_problems("python -m ray_jobs.distill store=s3://b/s gsf_entry=configs/distill_paper_ava.yaml", "x")
+    assert entrypoint_problems("python -m ray_jobs.distill stor=s3://b/s", "x")
+    assert entrypoint_problems("python -m ray_jobs.nope", "x")
+    assert entrypoint_problems("python3 -m ray_jobs.extract", "x")
+    assert entrypoint_problems("python -m ray_jobs.distill store=s3://b/s gsf_entry=k", "x") == []
+
+
+def test_no_credentials_in_cluster_files():
+    patterns = [r"AKIA[0-9A-Z]{16}", r"BEGIN [A-Z ]*PRIVATE KEY",
+                r"(?i)(aws_secret_access_key|aws_access_key_id|aws_session_token|ray_auth_token)\s*[:=]\s*\S"]
+    hits = [(p.name, m.group(0)) for p in CLUSTER.rglob("*") if p.is_file() and p.suffix != ".pyc"
+            for pattern in patterns for m in re.finditer(pattern, p.read_text())]
+    assert hits == []
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster/Dockerfile against pyproject.toml
+# ---------------------------------------------------------------------------------------------
+
+def expand_dockerfile(text: str) -> str:
+    """Continuation lines joined and ARG defaults substituted (${X} and $X)."""
+    lines = text.replace("\\\n", " ").splitlines()
+    args = {}
+    for line in lines:
+        m = re.match(r"\s*ARG\s+(\w+)=(\S+)", line)
+        if m:
+            args[m.group(1)] = m.group(2)
+    out = "\n".join(lines)
+    for _ in range(5):  # ARG defaults may refer to earlier ARGs
+        out = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), m.group(0)), out)
+    return out
+
+
+def cuda_major(tag: str) -> int:
+    """'cuda120' / 'cu128' / '12.8.1' → 12."""
+    if "." in tag:
+        return int(tag.split(".")[0])
+    digits = re.sub(r"\D", "", tag)
+    return int(digits[:-1])
+
+
+def dockerfile_problems(text: str) -> list[str]:
+    reqs = pyproject_requirements()
+    expanded = expand_dockerfile(text)
+    instructions = [line for line in expanded.splitlines() if line and not line.lstrip().startswith("#")]
+    body = "\n".join(instructions)
+    problems = []
+    for name in ("torch", "torchvision"):
+        pin = exact_pin(reqs[name])
+        if not re.search(rf"(?<![\w-]){name}=={re.escape(pin)}(?![\w.])", body):
+            problems.append(f"the image must install {name}=={pin} (pyproject.toml's pin)")
+    dali = next((r for n, r in reqs.items() if n.startswith("nvidia-dali-cuda")), None)
+    if dali is None:
+        return problems + ["pyproject.toml has no nvidia-dali-cuda* dependency"]
+    installed = re.findall(r"(?<![\w-])(nvidia-dali-cuda\d+)(?:==([\w.]+))?", body)
+    if not installed:
+        problems.append("the image installs no nvidia-dali-cuda* package")
+    for pkg, version in installed:
+        if pkg != dali.name:
+            problems.append(f"the image installs {pkg}, pyproject.toml asks for {dali.name}")
+        if version and Version(version) not in dali.specifier:
+            problems.append(f"{pkg}=={version} is outside pyproject.toml's {dali.specifier}")
+    majors = {f"DALI ({dali.name})": cuda_major(dali.name.rsplit("-", 1)[1])}
+    base = re.search(r"^FROM\s+nvidia/cuda:(\d+\.\d+(?:\.\d+)?)", body, flags=re.M)
+    if base:
+        majors["base image"] = cuda_major(base.group(1))
+    else:
+        problems.append("the base image must be nvidia/cuda:<12.x>-...")
+    index = re.search(r"--index-url\s+\S*/whl/(cu\d+)", body)
+    if index:
+        majors["torch wheel index"] = cuda_major(index.group(1))
+    else:
+        problems.append("torch must come from a CUDA-specific wheel index (/whl/cuXYZ)")
+    if len(set(majors.values())) != 1:
+        problems.append(f"CUDA major versions disagree: {majors}")
+    users = re.findall(r"^USER\s+(\S+)", body, flags=re.M)
+    if not users or users[-1] in ("root", "0"):
+        problems.append("the image must end as a non-root USER")
+    if not re.search(r"^WORKDIR\s+\S+", body, flags=re.M):
+        problems.append("the image needs a WORKDIR")
+    if re.search(r"^(ENV|ARG)\s+.*(AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|AWS_SESSION_TOKEN|RAY_AUTH_TOKEN)", body,
+                 flags=re.M):
+        problems.append("no credentials in the image")
+    return problems
+
+
+def test_dockerfile_matches_pyproject_pins_and_one_cuda_major():
+    text = DOCKERFILE.read_text()
+    assert dockerfile_problems(text) == []
+    assert "nvidia-dali-cuda130" in expand_dockerfile(text)
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("ARG TORCH_VERSION=2.14.1", "ARG TORCH_VERSION=2.13.0", "torch==2.14.1"),
+    ("ARG TORCHVISION_VERSION=0.29.1", "ARG TORCHVISION_VERSION=0.28.0", "torchvision==0.29.1"),
+    ("ARG DALI_PACKAGE=nvidia-dali-cuda130", "ARG DALI_PACKAGE=nvidia-dali-cuda120", "pyproject.toml asks for"),
+    ("ARG TORCH_CUDA=cu130", "ARG TORCH_CUDA=cu128", "CUDA major versions disagree"),
+    ("ARG CUDA_BASE=nvidia/cuda:13.0.1-base-ubuntu22.04", "ARG CUDA_BASE=nvidia/cuda:12.8.1-base-ubuntu22.04",
+     "CUDA major versions disagree"),
+    ("ARG DALI_VERSION=2.4.0", "ARG DALI_VERSION=2.3.0", "outside"),
+    ("USER ray", "USER root", "non-root"),
+])
+def test_dockerfile_checks_catch_drift(old, new, expected):
+    text = DOCKERFILE.read_text()
+    assert old in text
+    problems = dockerfile_problems(text.replace(old, new))
+    assert any(expected in p for p in problems), problems
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster/request_gpus.py with a fake autoscaler
+# ---------------------------------------------------------------------------------------------
+
+def load_request_gpus():
+    spec = importlib.util.spec_from_file_location("request_gpus", CLUSTER / "request_gpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeCluster:
+    """GPU nodes join one per poll after a request, up to ``capacity``."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.gpus, self.requests, self.now = capacity, 0, [], 0.0
+
+    def request(self, bundles):
+        self.requests.append(bundles)
+
+    def cluster_gpus(self):
+        wanted = len(self.requests[-1]) if self.requests else 0
+        self.gpus = min(self.gpus + 1, wanted, self.capacity) if self.gpus < wanted else self.gpus
+        return float(self.gpus)
+
+    def sleep(self, s):
+        self.now += s
+
+    def clock(self):
+        return self.now
+
+
+def test_request_gpus_waits_for_the_gpus():
+    rg, fake = load_request_gpus(), FakeCluster(capacity=8)
+    out = rg.hold_gpus(3, 600, fake.request, fake.cluster_gpus, sleep=fake.sleep, clock=fake.clock, poll_s=10)
+    assert fake.requests == [[{"GPU": 1}] * 3]
+    assert out["requested"] == 3 and out["gpus"] == 3 and out["seconds"] == 20.0
+
+
+def test_request_gpus_zero_withdraws_and_returns_at_once():
+    rg, fake = load_request_gpus(), FakeCluster(capacity=8)
+    out = rg.hold_gpus(0, 600, fake.request, fake.cluster_gpus, sleep=fake.sleep, clock=fake.clock)
+    assert fake.requests == [[]] and out == {"requested": 0, "gpus": 0.0, "seconds": 0.0}
+
+
+def test_request_gpus_times_out_when_capacity_never_arrives():
+    rg, fake = load_request_gpus(), FakeCluster(capacity=2)
+    with pytest.raises(TimeoutError, match="2 of 4 GPUs"):
+        rg.hold_gpus(4, 100, fake.request, fake.cluster_gpus, sleep=fake.sleep, clock=fake.clock, poll_s=10)
+    assert fake.now == 100
+    with pytest.raises(ValueError):
+        rg.hold_gpus(-1, 10, fake.request, fake.cluster_gpus)

@@ -1,0 +1,173 @@
+"""The evaluate and predict jobs on tiny generated datasets with a saved (untrained) student."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from image_data import good_images, write_ava
+
+from ray_jobs import evaluate, predict
+from ray_jobs.config import load_config
+from trainers.metrics import mean_score
+from trainers.student import StudentSpec, build_student, save_student
+
+ROOT = Path(__file__).resolve().parents[1]
+CORRUPT = "1002"  # in the test split (write_ava with test_every=2 puts even rows there)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """12 AVA images, 6 of them test; one test image is a truncated JPEG."""
+    root = tmp_path_factory.mktemp("ava")
+    images = good_images(12)
+    images[CORRUPT] = images[CORRUPT][: len(images[CORRUPT]) // 2]
+    write_ava(root, images, test_every=2)
+    return root
+
+
+def checkpoint(root: Path, label: str = "distribution") -> Path:
+    spec = StudentSpec("resnet18", view="resize:64", feature_width=16, label=label)
+    return save_student(root / f"{label}-ckpt", build_student(spec), spec, extra={"epoch": 0})
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(autouse=True)
+def hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AKD_CACHE_DIR", str(tmp_path / "hash-cache"))
+
+
+def job(name: str, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", f"ray_jobs.{name}", *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def result(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_scores_the_test_split_and_counts_the_corrupt_image(data, ckpt, tmp_path):
+    output = tmp_path / "out" / "preds.csv"
+    proc = job("evaluate", f"checkpoint={ckpt}", f"dataset.path={data}", "dataset.format=ava", "split=test",
+               "batch_size=4", f"output={output}")
+    out = result(proc)
+    assert out["checkpoint"] == str(ckpt) and out["split"] == "test" and out["label"] == "distribution"
+    assert out["n"] == 5 and out["failed"] == 1 and out["predictions"] == str(output)
+    assert set(out["metrics"]) == {"srcc", "plcc", "acc", "emd"}
+    assert all(isinstance(v, float) for v in out["metrics"].values())
+    assert -1 <= out["metrics"]["srcc"] <= 1 and 0 <= out["metrics"]["acc"] <= 1 and out["metrics"]["emd"] > 0
+    assert {row["name"] for row in out["per_category"]} == {"Animals", "Urban", "Still Life"}
+    assert sum(row["n"] for row in out["per_category"]) == 5  # each image has one tag here
+    assert f"failed {CORRUPT}: " in proc.stderr and "truncated" in proc.stderr
+    assert "per category" in proc.stderr
+
+    rows = read_csv(output)
+    assert len(rows) == out["n"] and CORRUPT not in {r["image_id"] for r in rows}
+    assert list(rows[0]) == ["image_id", "uri", "split", "gt_mean", "pred_mean",
+                             *(f"pred_p{k}" for k in range(1, 11))]
+    assert {r["split"] for r in rows} == {"test"}
+    dist = np.array([[float(r[f"pred_p{k}"]) for k in range(1, 11)] for r in rows])
+    np.testing.assert_allclose(dist.sum(1), 1, atol=1e-4)
+    np.testing.assert_allclose([float(r["pred_mean"]) for r in rows], mean_score(dist), atol=1e-4)
+    lines = (data / "AVA.txt").read_text().splitlines()
+    votes = {line.split()[1]: np.array(line.split()[2:12], float) for line in lines}
+    np.testing.assert_allclose([float(r["gt_mean"]) for r in rows],
+                               [mean_score(votes[r["image_id"]][None])[0] for r in rows], rtol=1e-5)
+
+
+def test_evaluate_a_score_student_on_mean_score_labels(tmp_path):
+    """A CSV with mean scores only: SRCC/PLCC/Acc, no EMD and no category table."""
+    folder = tmp_path / "csvdata"
+    folder.mkdir()
+    lines = ["image,mean_score,split"]
+    for i, (image_id, data) in enumerate(good_images(6).items()):
+        (folder / f"{image_id}.jpg").write_bytes(data)
+        lines.append(f"{image_id}.jpg,{3 + i * 0.7:.2f},{'test' if i % 2 else 'train'}")
+    (folder / "scores.csv").write_text("\n".join(lines) + "\n")
+    cfg = load_config(evaluate.EvaluateConfig, None, [
+        f"checkpoint={checkpoint(tmp_path, 'score')}", f"dataset.path={folder / 'scores.csv'}",
+        "dataset.format=csv", "split=all", f"output={tmp_path / 'p.csv'}"])
+    out = evaluate.main(cfg)
+    assert out["n"] == 6 and out["failed"] == 0 and out["per_category"] == []
+    assert out["metrics"]["emd"] is None and out["metrics"]["srcc"] is not None
+    rows = read_csv(tmp_path / "p.csv")
+    assert list(rows[0])[-1] == "pred_mean" and len(rows) == 6
+    assert [float(r["gt_mean"]) for r in rows] == pytest.approx([3 + i * 0.7 for i in range(6)])
+
+
+def folder_of_images(root: Path) -> Path:
+    root.mkdir()
+    for image_id, data in good_images(3).items():
+        (root / f"{image_id}.jpg").write_bytes(data)
+    (root / "broken.jpg").write_bytes(b"this is not a picture")
+    return root
+
+
+def check_predictions(rows: list[dict]) -> None:
+    assert list(rows[0]) == ["image_id", "uri", "mean_score", *(f"p{k}" for k in range(1, 11)), "reason"]
+    good = [r for r in rows if not r["reason"]]
+    (bad,) = [r for r in rows if r["reason"]]
+    assert bad["image_id"] == "broken" and bad["mean_score"] == "" and bad["p1"] == ""
+    assert "cannot decode" in bad["reason"]
+    assert len(good) == 3 and all(1 <= float(r["mean_score"]) <= 10 for r in good)
+    for r in good:
+        assert sum(float(r[f"p{k}"]) for k in range(1, 11)) == pytest.approx(1, abs=1e-4)
+
+
+def test_predict_writes_scores_and_a_reason_for_the_bad_image(ckpt, tmp_path):
+    images = folder_of_images(tmp_path / "photos")
+    work = tmp_path / "work"
+    work.mkdir()
+    out = result(job("predict", f"checkpoint={ckpt}", f"images={images}", "batch_size=2", cwd=work))
+    assert out == {"checkpoint": str(ckpt), "label": "distribution", "n": 3, "failed": 1,
+                   "output": f"{ckpt.name}-predictions.csv"}  # default name, in the working directory
+    check_predictions(read_csv(work / out["output"]))
+
+
+@pytest.mark.s3
+def test_predict_reads_checkpoint_and_images_from_s3(ckpt, tmp_path, s3_bucket, s3_endpoint):
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for path in folder_of_images(tmp_path / "photos").iterdir():
+        client.upload_file(str(path), s3_bucket, f"photos/{path.name}")
+    for path in ckpt.iterdir():
+        client.upload_file(str(path), s3_bucket, f"runs/ckpt/{path.name}")
+    cfg = load_config(predict.PredictConfig, None, [
+        f"checkpoint=s3://{s3_bucket}/runs/ckpt", f"images=s3://{s3_bucket}/photos", f"output={tmp_path / 's.csv'}"])
+    out = predict.main(cfg)
+    assert out["n"] == 3 and out["failed"] == 1
+    rows = read_csv(tmp_path / "s.csv")
+    check_predictions(rows)
+    assert all(r["uri"].startswith(f"s3://{s3_bucket}/photos/") for r in rows)
+
+
+@pytest.mark.parametrize("name, args, key", [
+    ("evaluate", ["checkpoint=x", "dataset.path=y", "dataset.formt=ava"], "dataset.formt"),
+    ("predict", ["checkpoint=x", "images=y", "batchsize=3"], "batchsize"),
+])
+def test_an_unknown_config_key_exits_2_naming_it(name, args, key):
+    proc = job(name, *args)
+    assert proc.returncode == 2 and f"unknown config key {key!r}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_checkpoint_is_one_clear_error(data, tmp_path):
+    proc = job("evaluate", f"checkpoint={tmp_path / 'nope'}", f"dataset.path={data}")
+    assert proc.returncode == 2 and "no student.json" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,191 @@
+"""The student model: shapes, feature range, freezing, checkpoints (local and S3), cost, spec checks."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import boto3
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from trainers.student import (SPEC_FILE, WEIGHTS_FILE, StudentError, StudentSpec, build_student, count_params,
+                              decoder_for, flops, load_student, save_student, view_size)
+
+TINY = dict(backbone="resnet18", view="resize:64", feature_width=16)
+
+
+def images(n: int = 4, size: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> None:
+    """One Adam step on a loss that touches f_s and the logits, in train mode."""
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    f_s, logits = model(x)
+    (f_s.square().mean() + logits.square().mean()).backward()
+    optimizer.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("label, width", [("distribution", 10), ("binary", 1), ("score", 1)])
+def test_forward_gives_a_non_negative_feature_and_one_logit_per_output(label, width):
+    model = build_student(StudentSpec(**TINY, label=label))
+    x = images()
+    f_s, logits = model(x)
+    assert f_s.shape == (4, 16) and logits.shape == (4, width)
+    assert (f_s >= 0).all() and (f_s > 0).any()  # ReLU'd, like the teacher's f_t, but not dead
+    f_float, logits_float = model(x.float())  # uint8 and float inputs on 0..255 are the same input
+    assert torch.equal(f_s, f_float) and torch.equal(logits, logits_float)
+
+
+def test_head_initialisation_follows_the_seed_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_student(StudentSpec(**TINY, seed=1))
+    assert torch.equal(torch.rand(1), before)
+    b, c = build_student(StudentSpec(**TINY, seed=1)), build_student(StudentSpec(**TINY, seed=2))
+    assert torch.equal(a.head.weight, b.head.weight) and not torch.equal(a.head.weight, c.head.weight)
+    assert torch.equal(a.backbone.conv1.weight, c.backbone.conv1.weight)  # backbone: weights="random:0"
+
+
+def bn_buffers(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+
+
+def test_frozen_backbone_keeps_weights_and_bn_statistics_while_fc_and_head_train():
+    model = build_student(StudentSpec(**TINY, freeze_backbone=True))
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert count_params(model, trainable=True) == count_params(model.fc) + count_params(model.head)
+    backbone_before, stats_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}, bn_buffers(model)
+    head_before = model.head.weight.clone()
+
+    model.train()
+    assert model.training and model.fc.training and not model.backbone.training
+    assert not any(m.training for m in model.backbone.modules())
+    f_s, logits = model(images())
+    (f_s.square().mean() + logits.square().mean()).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.head.weight.grad is not None and model.fc.weight.grad is not None
+    train_step(model, images(seed=1))
+    assert all(torch.equal(v, backbone_before[k]) for k, v in model.backbone.state_dict().items())
+    assert all(torch.equal(v, stats_before[k]) for k, v in bn_buffers(model).items())
+    assert not torch.equal(model.head.weight, head_before)
+
+    trainable = build_student(StudentSpec(**TINY))  # the control: BN statistics do move when not frozen
+    stats = bn_buffers(trainable)
+    train_step(trainable, images())
+    assert any(not torch.equal(v, stats[k]) for k, v in bn_buffers(trainable).items())
+
+
+class DDPLike(nn.Module):
+    """Stands in for DistributedDataParallel: the student under ``module``, keys prefixed ``module.``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    spec = StudentSpec(**TINY, label="distribution", seed=3)
+    model = build_student(spec)
+    train_step(model, images())  # weights and BN statistics away from their initial values
+    extra = {"epoch": 4, "metrics": {"srcc": 0.5, "emd": None}}
+    save_student(tmp_path / "ckpt", DDPLike(model), spec, extra=extra)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [WEIGHTS_FILE, SPEC_FILE]
+
+    loaded, loaded_spec, loaded_extra = load_student(tmp_path / "ckpt")
+    assert loaded_spec == spec and loaded_extra == extra and not loaded.training
+    x = images(seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(model(x), loaded(x)))
+    document = json.loads((tmp_path / "ckpt" / SPEC_FILE).read_text())
+    assert document["spec"] == spec.to_json() and document["state_digest"].startswith("sha256:")
+
+
+@pytest.mark.s3
+def test_load_from_an_s3_prefix(tmp_path, s3_bucket, s3_endpoint):
+    spec = StudentSpec(**TINY, label="score")
+    model = build_student(spec)
+    save_student(tmp_path / "ckpt", model, spec, extra={"run": "s3"})
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    for name in (WEIGHTS_FILE, SPEC_FILE):
+        client.upload_file(str(tmp_path / "ckpt" / name), s3_bucket, f"runs/a/checkpoint_000003/{name}")
+
+    loaded, loaded_spec, extra = load_student(f"s3://{s3_bucket}/runs/a/checkpoint_000003/")
+    assert loaded_spec == spec and extra == {"run": "s3"}
+    x = images()
+    assert torch.equal(model(x)[1], loaded(x)[1])
+    with pytest.raises(StudentError, match="no student.json"):
+        load_student(f"s3://{s3_bucket}/runs/a/nothing")
+
+
+def test_load_rejects_a_missing_or_mixed_checkpoint(tmp_path):
+    with pytest.raises(StudentError, match=f"no {SPEC_FILE}"):
+        load_student(tmp_path / "absent")
+    spec = StudentSpec(**TINY)
+    save_student(tmp_path / "a", build_student(spec), spec)
+    save_student(tmp_path / "b", build_student(StudentSpec(**TINY, seed=1)), spec)
+    (tmp_path / "a" / WEIGHTS_FILE).write_bytes((tmp_path / "b" / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(StudentError, match="state digest differs"):
+        load_student(tmp_path / "a")
+
+
+def test_params_and_flops_scale_with_the_view():
+    small, large = StudentSpec(**TINY), StudentSpec(**{**TINY, "view": "resize:128"})
+    model = build_student(small)
+    assert count_params(model) > 11_000_000  # ResNet-18 without its classifier, plus fc and head
+    model.train()
+    g_small, g_large = flops(model, small), flops(model, large)
+    assert model.training  # the mode is restored
+    assert 0.1 < g_small < 0.2  # ResNet-18 is 1.8 G multiply-adds at 224², so ~0.15 G at 64²
+    assert g_large / g_small == pytest.approx(4, rel=0.02)
+    assert view_size("pad_crop:800:640") == (640, 640) and view_size("resize:30x40") == (30, 40)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"backbone": "no_such_net"}, "unknown backbone"),
+    ({"label": "ranking"}, "label"),
+    ({"view": "resize:0"}, "positive"),
+    ({"view": "crop:300"}, "view"),
+    ({"view": "pad_crop:600:640"}, "crop no larger"),
+    ({"feature_width": 0}, "feature_width"),
+    ({"weights": "random"}, "explicit seed"),
+    ({"weights": "packaged"}, "no packaged weights for 'resnet18'"),
+    ({"seed": -1}, "seed"),
+])
+def test_spec_validation_names_the_problem(fields, message):
+    with pytest.raises(ValueError, match=message):
+        StudentSpec(**{**TINY, **fields})
+
+
+def test_spec_json_round_trip_and_unknown_keys():
+    spec = StudentSpec("swsl_resnext101_32x8d", "hub", 512, "binary", "pad_crop:800:640", True, 7)
+    assert StudentSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    with pytest.raises(StudentError, match="unknown keys \\['width'\\]"):
+        StudentSpec.from_json({**spec.to_json(), "width": 3})
+
+
+def jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("view, shape", [("resize:64", (64, 64)), ("resize:48x32", (48, 32)),
+                                         ("pad_crop:800:640", (640, 640))])
+def test_decoder_produces_the_view(view, shape):
+    decoder = decoder_for(StudentSpec(**{**TINY, "view": view}), "pil")
+    (decoded,) = decoder.decode([jpeg(120, 90)])
+    assert decoded.image.shape == (*shape, 3) and decoded.image.dtype == torch.uint8
+
+
+def test_packaged_lite_backbone_uses_tensorflow_normalisation():
+    model = build_student(StudentSpec("tf_efficientnet_lite0", "packaged", feature_width=8))
+    assert torch.equal(model.mean.flatten(), torch.full((3,), 127.0))
+    assert torch.equal(model.std.flatten(), torch.full((3,), 128.0))
+    assert model.fc.in_features == 1280 and model(images(2))[1].shape == (2, 10)

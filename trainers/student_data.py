@@ -1,0 +1,144 @@
+"""One DDP rank's stream of student batches: image bytes from the dataset, knowledge from the store.
+
+Each rank reads only its own partition. The partition plan (featurestore/partition.py) runs over
+the positions of the usable rows of a split: rows of that split whose teacher knowledge is ok.
+Those rows are sorted by row index, so neighbouring positions share knowledge shards. Every rank
+gets the same number of rows, and so the same number of steps, which DDP needs. Padding rows
+have weight 0, so each real row counts exactly once per epoch.
+
+A background thread stays up to ``prefetch`` batches ahead of training. It reads image bytes
+(local or s3://), decodes them to the student's fixed view with DALI, and reads the aligned
+knowledge rows. An image that fails to decode gets weight 0 and never stalls the epoch.
+
+There is no random augmentation: stored knowledge belongs to one fixed view of each image (see
+DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from featurestore import sources
+from featurestore.layout import STATUS_OK
+from featurestore.partition import World, plan_for
+from featurestore.reader import EntryReader
+from featurestore.store import FeatureStore
+from trainers.distiller import targets_for
+from trainers.images import ImageDecoder
+
+READ_THREADS = 8
+
+
+@dataclass
+class StudentBatch:
+    rows: np.ndarray              # global row indices
+    images: torch.Tensor          # uint8 [B, 3, H, W]
+    weight: torch.Tensor          # float32 [B]: 0 for padding rows and undecodable images
+    gt: torch.Tensor              # ground truth in the label's form
+    teacher_feature: torch.Tensor  # f_t [B, F]
+    teacher_prediction: torch.Tensor  # D_t [B, 10] (or [B])
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """The usable rows of a split, with their image URIs and ground-truth targets (all aligned)."""
+
+    rows: np.ndarray
+    uris: tuple[str, ...]
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def split_rows(knowledge: EntryReader, dataset: dict, split: str, label: str) -> SplitRows:
+    """Rows of ``split`` ("all" for every split) whose knowledge row is ok."""
+    splits = np.asarray(dataset["splits"])
+    ok = knowledge.status() == STATUS_OK
+    rows = np.flatnonzero(ok & ((splits == split) if split != "all" else True))
+    votes = None if dataset.get("votes") is None else np.asarray(dataset["votes"], np.float32)
+    scores = None if dataset.get("mean_scores") is None else np.asarray(dataset["mean_scores"], np.float32)
+    targets = targets_for(label, votes, scores)
+    return SplitRows(rows, tuple(dataset["uris"][r] for r in rows), targets[rows])
+
+
+class StudentStream:
+    """Batches for one rank. Build it once per worker; call :meth:`epoch` each epoch."""
+
+    def __init__(self, store_url: str, knowledge_key: str, data: SplitRows, label: str, world: World,
+                 batch_size: int, decoder: ImageDecoder, image_size: tuple[int, int], seed: int,
+                 locality_rows: int, prefetch: int = 2):
+        self.knowledge = FeatureStore(store_url, create=False).open(knowledge_key)
+        self.data, self.label, self.world = data, label, world
+        self.batch_size, self.decoder, self.image_size, self.seed = batch_size, decoder, image_size, seed
+        self.locality_rows, self.prefetch = locality_rows, max(1, prefetch)
+
+    def positions(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's positions into ``data`` for ``epoch`` and their padding flags."""
+        spans = plan_for(self.world, len(self.data), self.locality_rows, self.seed, epoch)
+        if not spans:
+            return np.zeros(0, np.int64), np.zeros(0, bool)
+        return (np.concatenate([np.arange(s.start, s.stop) for s in spans]),
+                np.concatenate([np.full(len(s), s.pad) for s in spans]))
+
+    def steps(self, epoch: int) -> int:
+        return -(-len(self.positions(epoch)[0]) // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[StudentBatch]:
+        positions, pad = self.positions(epoch)
+        chunks = [(positions[i:i + self.batch_size], pad[i:i + self.batch_size])
+                  for i in range(0, len(positions), self.batch_size)]
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for pos, is_pad in chunks:
+                    if stop.is_set():
+                        return
+                    ready.put(self._batch(pos, is_pad))
+                ready.put(None)
+            except BaseException as exc:  # surface loader errors in the training thread
+                ready.put(exc)
+
+        thread = threading.Thread(target=produce, name="student-stream", daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+    def _batch(self, pos: np.ndarray, pad: np.ndarray) -> StudentBatch:
+        rows = self.data.rows[pos]
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            encoded = list(pool.map(self._read, pos))
+        decoded = self.decoder.decode([e or b"" for e in encoded])
+        blank = torch.zeros((*self.image_size, 3), dtype=torch.uint8, device=self.decoder.output_device)
+        images = torch.stack([d.image if d.image is not None else blank for d in decoded]).permute(0, 3, 1, 2)
+        weight = torch.tensor([0.0 if p or d.image is None else 1.0 for p, d in zip(pad, decoded)])
+        knowledge = self.knowledge.read_rows(rows, ["feature", self.label])
+        return StudentBatch(rows=rows, images=images.contiguous(), weight=weight,
+                            gt=torch.from_numpy(self.data.targets[pos]),
+                            teacher_feature=torch.from_numpy(knowledge["feature"]),
+                            teacher_prediction=torch.from_numpy(knowledge[self.label]))
+
+    def _read(self, position: int) -> bytes | None:
+        try:
+            return sources.read_bytes(self.data.uris[position])
+        except sources.SourceError:
+            return None

@@ -1,0 +1,148 @@
+"""The student recipe that runs on every Ray Train worker (DDP: NCCL on GPU, gloo on CPU).
+
+Every epoch a worker streams its partition of the train split (trainers/student_data.py), takes
+steps with the configured KD loss, and evaluates its partition of the test split. The
+predictions are gathered so that every rank reports the same validation metrics. Rank 0 then
+writes a checkpoint:
+
+* ``model.safetensors`` and ``student.json`` (trainers/student.py);
+* ``trainer_state.pt``: optimizer, scheduler and epoch, loaded with ``weights_only=True``.
+
+Ray Train keeps the checkpoint under ``storage_path/name``. When a worker dies, or the run is
+restarted under the same name, training resumes at the epoch after the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from featurestore.partition import World
+from featurestore.store import FeatureStore
+from trainers.distiller import evaluate_label, prediction
+from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
+from trainers.student import StudentSpec, build_student, decoder_for, save_student, view_size
+from trainers.student_data import StudentStream, split_rows
+
+STATE_FILE = "trainer_state.pt"
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum(value: float, device: torch.device) -> float:
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+def _gather(obj):
+    if not _distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"])
+    spec = StudentSpec.from_json(config["student"])
+    loss_spec = LossSpec(**config["loss"])
+    label = spec.label
+
+    model = build_student(spec).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config["lr"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config["lr_step_epochs"], gamma=0.1)
+    start_epoch = 0
+    if checkpoint := ray.train.get_checkpoint():
+        with checkpoint.as_directory() as directory:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = int(state["epoch"]) + 1
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
+        if world_size > 1 else model
+
+    store = FeatureStore(config["store"], create=False)
+    knowledge = store.open(config["knowledge_entry"])
+    dataset = store.open(knowledge.spec.parent).read_document("dataset")
+    decoder = decoder_for(spec, device)
+    streams = {split: StudentStream(config["store"], config["knowledge_entry"],
+                                    split_rows(knowledge, dataset, split, label), label,
+                                    World(rank, world_size), config["batch_size"], decoder, view_size(spec.view),
+                                    config["seed"], locality_rows=knowledge.layout.shard_rows)
+               for split in ("train", "test")}
+
+    for epoch in range(start_epoch, config["epochs"]):
+        started = time.perf_counter()
+        ddp_model.train()
+        sums: dict[str, float] = {}
+        rows_seen = 0.0
+        for batch in streams["train"].epoch(epoch):
+            weight = batch.weight.to(device)
+            f_s, logits = ddp_model(batch.images.to(device, non_blocking=True))
+            outputs = StudentOutputs(logits[:, 0] if label == "binary" else prediction(label, logits), f_s)
+            targets = Targets(batch.gt.to(device), batch.teacher_prediction.to(device),
+                              batch.teacher_feature.to(device))
+            total, terms = student_loss(loss_spec, outputs, targets, weight)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            n = float(weight.sum())
+            rows_seen += n
+            for name, value in {"loss": total.detach(), **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+        scheduler.step()
+        rows_seen = _sum(rows_seen, device)
+        metrics = {name: _sum(value, device) / max(rows_seen, 1.0) for name, value in sums.items()}
+        metrics.update({"epoch": epoch, "train_rows_seen": int(rows_seen), "lr": optimizer.param_groups[0]["lr"],
+                        **{f"val_{k}": v for k, v in validate(ddp_model, streams["test"], label, device).items()},
+                        "epoch_seconds": time.perf_counter() - started})
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                save_student(directory, model, spec, extra={"epoch": epoch, "knowledge_entry": config["knowledge_entry"],
+                                                            "loss": config["loss"]})
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
+                           os.path.join(directory, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@torch.inference_mode()
+def validate(model, stream: StudentStream, label: str, device: torch.device) -> dict:
+    """Metrics over the whole split: each rank predicts its partition, every rank gets all of it."""
+    model.eval()
+    rows, preds, gts = [], [], []
+    for batch in stream.epoch(0):
+        keep = batch.weight.numpy() > 0
+        _, logits = model(batch.images.to(device))
+        pred = prediction(label, logits).float().cpu().numpy()
+        rows.append(batch.rows[keep])
+        preds.append(pred[keep])
+        gts.append(batch.gt.numpy()[keep])
+    gathered = [g for g in _gather((rows, preds, gts)) if g[0]]
+    if not gathered:
+        return {}
+    all_rows = np.concatenate([r for g in gathered for r in g[0]])
+    pred = np.concatenate([p for g in gathered for p in g[1]])
+    gt = np.concatenate([t for g in gathered for t in g[2]])
+    assert len(np.unique(all_rows)) == len(all_rows), "a test row was predicted twice"
+    return {k: v for k, v in evaluate_label(label, pred, gt).items() if v is not None}
