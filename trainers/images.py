@@ -198,7 +198,10 @@ def _fit(image: torch.Tensor, max_pixels: int) -> tuple[torch.Tensor, tuple[int,
 
 
 def _dali_installed() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
+    try:  # find_spec raises, rather than returning None, when there is no `nvidia` package at all
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 class ImageDecoder:
