@@ -83,7 +83,6 @@ def storage_uri(path: str) -> str:
 
 
 def main(cfg: TrainConfig) -> dict:
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

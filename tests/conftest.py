@@ -68,3 +68,16 @@ def store_url(request):
     if request.param == "local":
         return request.getfixturevalue("local_store_url")
     return request.getfixturevalue("s3_store_url")
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_endpoint):
+    """A local Ray instance for in-process jobs, started after the S3 server so that Ray's worker
+    processes inherit the AWS_* variables. Module-scoped: one start-up per test module."""
+    import ray
+
+    from ray_jobs.runtime import init_ray
+
+    init_ray(num_cpus=4)
+    yield ray
+    ray.shutdown()

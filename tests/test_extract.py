@@ -28,18 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["backbones=[resnet18]", "weights=random:0", "workers=1", "cpus_per_worker=2"]
 
 
-@pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    """One local Ray instance for the in-process jobs; started after S3 so workers see AWS_*."""
-    import ray
-
-    from ray_jobs.runtime import init_ray
-
-    init_ray(num_cpus=4)
-    yield ray
-    ray.shutdown()
-
-
 def extract(*overrides: str) -> dict:
     return main(load_config(ExtractConfig, None, list(overrides)))
 

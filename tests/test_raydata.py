@@ -3,18 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from test_store import ROWS, write_entry
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    """Started after the S3 fixture so Ray's worker processes inherit the AWS_* variables."""
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 def test_datasource_reads_every_row_once_from_s3(ray_local, s3_store_url):

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from image_data import good_images, write_ava
 
@@ -49,17 +48,6 @@ def knowledge_entry(tmp_path: Path, store_url: str) -> str:
     writer.finalize()
     spec = DistillerSpec(backbones=("toy",), hidden=(16, 8), epochs=2, batch_size=8)
     return distill(store, writer.key, spec, torch.device("cpu"))["entry"]
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    import ray
-
-    from ray_jobs.runtime import init_ray
-
-    init_ray(num_cpus=4)
-    yield ray
-    ray.shutdown()
 
 
 def train(*overrides: str) -> dict:
