@@ -40,20 +40,34 @@ def ray_head(s3_endpoint, tmp_path_factory):
     subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
-def test_extract_under_ray_job_submit_to_an_s3_store(ray_head, tmp_path, s3_bucket):
-    write_ava(tmp_path / "ava", good_images(4))
-    store = f"s3://{s3_bucket}/features"
+def submit(head: str, *entrypoint: str) -> dict:
+    """``ray job submit`` (blocking) of one job; its result is the last JSON line it printed."""
     runtime_env = {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     result = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "ray_jobs.extract", f"dataset.path={tmp_path / 'ava'}", f"store={store}",
-         "backbones=[resnet18]", "weights=random:0"],
+        [RAY, "job", "submit", "--address", head, "--working-dir", str(ROOT),
+         "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", *entrypoint],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    line = next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{"))
-    out = json.loads(line)
-    assert out["rows"] == out["ok"] == 4
-    reader = FeatureStore(store).open(out["entry"])
-    assert reader.manifest["ok"] == 4 and reader.read_range(0, 4)["gsf"].any()
+    return json.loads(next(line for line in reversed(result.stdout.splitlines()) if line.startswith("{")))
+
+
+def test_extract_distill_train_under_ray_job_submit_to_s3(ray_head, tmp_path, s3_bucket):
+    """The three stages as a user runs them on a cluster: each a submitted job, all through S3."""
+    write_ava(tmp_path / "ava", good_images(8), test_every=4)
+    store = f"s3://{s3_bucket}/features"
+    gsf = submit(ray_head, "ray_jobs.extract", f"dataset.path={tmp_path / 'ava'}", f"store={store}",
+                 "backbones=[resnet18]", "weights=random:0")
+    assert gsf["rows"] == gsf["ok"] == 8
+    reader = FeatureStore(store).open(gsf["entry"])
+    assert reader.manifest["ok"] == 8 and reader.read_range(0, 8)["gsf"].any()
     assert "testing" not in json.dumps(reader.spec.to_json()) + json.dumps(reader.attrs)  # no credentials stored
+
+    knowledge = submit(ray_head, "ray_jobs.distill", f"store={store}", f"gsf_entry={gsf['entry']}",
+                       "hidden=[32,16]", "epochs=2", "batch_size=4")
+    assert knowledge["parent"] == gsf["entry"] and knowledge["train_rows"] == 6 and knowledge["test_rows"] == 2
+
+    student = submit(ray_head, "ray_jobs.train_student", f"store={store}", f"knowledge_entry={knowledge['entry']}",
+                     "student.backbone=resnet18", "student.view=resize:64", "num_workers=[1,2]", "epochs=1",
+                     "batch_size=2", f"storage_path=s3://{s3_bucket}/runs", "name=submitted")
+    assert student["checkpoint"].startswith(f"s3://{s3_bucket}/runs/submitted") and student["epochs"] == 1
+    assert student["train_rows_seen"] == 6
