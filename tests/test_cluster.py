@@ -479,7 +479,7 @@ def test_readme_commands_and_configs_exist():
 
 
 def test_entrypoint_checks_catch_breakage():
-    assert entrypoint_problems("python -m ray_jobs.distill store=s3://b/s gsf_entry=configs/distill_paper_ava.yaml", "x")
+    assert entrypoint_problems("python -m ray_jobs.distill store=s3://b/s gsf_entry=configs/no_such_config.yaml", "x")
     assert entrypoint_problems("python -m ray_jobs.distill stor=s3://b/s", "x")
     assert entrypoint_problems("python -m ray_jobs.nope", "x")
     assert entrypoint_problems("python3 -m ray_jobs.extract", "x")
