@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/codec_choice.py
 	$(PY) benchmarks/store_read.py
 	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/student_loader.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
