@@ -19,7 +19,6 @@ For an epoch:
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,13 +54,6 @@ class World:
     def local_rank(self) -> int:
         return self.rank % self.ranks_per_node
 
-    @classmethod
-    def from_env(cls, worker: int = 0, num_workers: int = 1) -> World:
-        """Rank and world size from the torchrun/Ray Train environment variables (single process if unset)."""
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        return cls(rank=int(os.environ.get("RANK", 0)), world_size=world_size, worker=worker,
-                   num_workers=num_workers,
-                   ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,9 @@ class EntryWriter:
         done = committed_shards(self.backend, self.key)
         return [s for s in range(self.layout.num_shards) if s not in done]
 
+    def is_committed(self, shard: int) -> bool:
+        return self.backend.exists(commit_path(self.key, shard))
+
     def is_complete(self) -> bool:
         return self.backend.exists(manifest_path(self.key))
 

@@ -96,7 +96,7 @@ def test_two_gloo_workers_train_and_checkpoint_to_s3(ray_local, tmp_path, s3_buc
 
     objects = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="runs/kd-run")["Contents"]
     names = {Path(o["Key"]).name for o in objects}
-    assert {"model.safetensors", "student.json", "trainer_state.pt"} <= names
+    assert {"model.safetensors", "student.json", "optimizer.safetensors", "trainer_state.json"} <= names
 
     # the same name resumes: only the new epoch runs
     more = train(f"store={store_url}", f"knowledge_entry={key}", *TINY, "epochs=3", f"storage_path={storage}",

@@ -97,7 +97,7 @@ class ShardExtractor:
 
     def run(self, task: ShardTask) -> ShardResult:
         started = time.perf_counter()
-        if task.shard not in self.writer.missing_shards():
+        if self.writer.is_committed(task.shard):
             return ShardResult(task.shard, len(task.uris), 0, 0, 0, 0.0, skipped=True)
         forwards_before = self.forward_passes
         failures: dict[int, str] = {}

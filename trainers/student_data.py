@@ -79,6 +79,7 @@ class StudentStream:
         self.data, self.label, self.world = data, label, world
         self.batch_size, self.decoder, self.image_size, self.seed = batch_size, decoder, image_size, seed
         self.locality_rows, self.prefetch = locality_rows, max(1, prefetch)
+        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="student-read")
 
     def positions(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """This rank's positions into ``data`` for ``epoch`` and their padding flags."""
@@ -125,8 +126,7 @@ class StudentStream:
 
     def _batch(self, pos: np.ndarray, pad: np.ndarray) -> StudentBatch:
         rows = self.data.rows[pos]
-        with ThreadPoolExecutor(READ_THREADS) as pool:
-            encoded = list(pool.map(self._read, pos))
+        encoded = list(self._readers.map(self._read, pos))
         decoded = self.decoder.decode([e or b"" for e in encoded])
         blank = torch.zeros((*self.image_size, 3), dtype=torch.uint8, device=self.decoder.output_device)
         images = torch.stack([d.image if d.image is not None else blank for d in decoded]).permute(0, 3, 1, 2)

@@ -6,7 +6,8 @@ predictions are gathered so that every rank reports the same validation metrics.
 writes a checkpoint:
 
 * ``model.safetensors`` and ``student.json`` (trainers/student.py);
-* ``trainer_state.pt``: optimizer, scheduler and epoch, loaded with ``weights_only=True``.
+* ``optimizer.safetensors`` + ``trainer_state.json``: the optimizer's tensors, and its param groups,
+  the scheduler and the epoch as JSON. No pickle, as everywhere in the project.
 
 Ray Train keeps the checkpoint under ``storage_path/name``. When a worker dies, or the run is
 restarted under the same name, training resumes at the epoch after the last checkpoint.
@@ -14,6 +15,7 @@ restarted under the same name, training resumes at the epoch after the last chec
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -28,7 +30,34 @@ from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
 from trainers.student import StudentSpec, build_student, decoder_for, save_student, view_size
 from trainers.student_data import StudentStream, split_rows
 
-STATE_FILE = "trainer_state.pt"
+OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
+
+
+def save_trainer_state(directory: str, optimizer: torch.optim.Optimizer, scheduler, epoch: int) -> None:
+    """Optimizer tensors as safetensors (``<param index>.<name>``), everything else as JSON."""
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
+               for index, entry in state["state"].items() for name, value in entry.items()}
+    save_file(tensors, os.path.join(directory, OPTIMIZER_FILE))
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump({"param_groups": state["param_groups"], "scheduler": scheduler.state_dict(), "epoch": epoch}, f)
+
+
+def load_trainer_state(directory: str, optimizer: torch.optim.Optimizer, scheduler) -> int:
+    """Restore what :func:`save_trainer_state` wrote; returns the epoch it was saved after."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(directory, STATE_FILE)) as f:
+        meta = json.load(f)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(os.path.join(directory, OPTIMIZER_FILE)).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["epoch"])
 
 
 def _distributed() -> bool:
@@ -73,10 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
             from safetensors.torch import load_file
 
             model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-            state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch = int(state["epoch"]) + 1
+            start_epoch = load_trainer_state(directory, optimizer, scheduler) + 1
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
         if world_size > 1 else model
 
@@ -120,8 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 save_student(directory, model, spec, extra={"epoch": epoch, "knowledge_entry": config["knowledge_entry"],
                                                             "loss": config["loss"]})
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
-                           os.path.join(directory, STATE_FILE))
+                save_trainer_state(directory, optimizer, scheduler, epoch)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)
 
