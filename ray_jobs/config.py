@@ -4,6 +4,10 @@ Every job is ``python -m ray_jobs.<job> --config FILE [key=value ...]``. An unkn
 missing required key or a value of the wrong type fails before any work starts, with a message
 naming the key. ``--help`` lists every key with its default and meaning (the field's
 ``metadata["help"]``).
+
+A config file may start from another: ``base: other.yaml`` (relative to the file) loads that file
+first and lays this one's keys over it, sections merged key by key and lists replaced. The
+paper's ablation configs are the paper config plus the few keys they change.
 """
 
 from __future__ import annotations
@@ -122,18 +126,38 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") ->
         raise ConfigError(f"config {prefix.rstrip('.') or '(top level)'}: {exc}") from None
 
 
+def read_tree(file: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The key tree of a YAML config file, with its ``base`` chain merged in."""
+    if not file.is_file():
+        raise ConfigError(f"config file {str(file)!r} not found")
+    try:
+        tree = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {str(file)!r} must hold a mapping of keys")
+    if "base" not in tree:
+        return tree
+    base = tree.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(file)!r}: base must be a file name, got {base!r}")
+    base_file = (file.parent / base).resolve()
+    if base_file in _seen or base_file == file.resolve():
+        raise ConfigError(f"config file {str(file)!r}: base {base!r} leads back to itself")
+    return overlay(read_tree(base_file, (*_seen, file.resolve())), tree)
+
+
+def overlay(base: dict, top: dict) -> dict:
+    """``top``'s keys over ``base``'s: mappings merged recursively, everything else replaced."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = overlay(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
 def load_config(cls: type[T], path: str | None, overrides: list[str]) -> T:
-    tree: dict = {}
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {path!r} not found")
-        try:
-            tree = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping of keys")
+    tree = read_tree(Path(path)) if path else {}
     for text in overrides:
         merge(tree, *parse_override(text))
     return from_dict(cls, tree)

@@ -42,24 +42,29 @@ class DemoDataError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    started = time.monotonic()
-    params = {"seed": args.seed, "n": args.n, "test_fraction": args.test_fraction,
-              "long_side": list(args.long_side)}
-    out = Path(args.out)
     try:
-        meta = _existing(out, params)
-        created = meta is None
-        if created:
-            meta = _build(out, params, args.workers)
-        else:
-            print(f"{out}: demo dataset with these parameters already complete; nothing to do", file=sys.stderr)
+        result = generate(Path(args.out), args.n, args.seed, args.test_fraction, tuple(args.long_side), args.workers)
     except (DemoDataError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    splits = [image["split"] for image in meta["images"]]
-    print(json.dumps({"out": str(out), "n": len(splits), "train": splits.count("train"), "test": splits.count("test"),
-                      "created": created, "seconds": round(time.monotonic() - started, 2)}))
+    print(json.dumps(result))
     return 0
+
+
+def generate(out: Path, n: int, seed: int = 0, test_fraction: float = 0.2,
+             long_side: tuple[int, int] = (400, 900), workers: int = min(8, os.cpu_count() or 1)) -> dict:
+    """Make the dataset at ``out`` unless the same one is there; returns the job's result fields."""
+    started = time.monotonic()
+    params = {"seed": seed, "n": n, "test_fraction": test_fraction, "long_side": list(long_side)}
+    meta = _existing(out, params)
+    created = meta is None
+    if created:
+        meta = _build(out, params, workers)
+    else:
+        print(f"{out}: demo dataset with these parameters already complete; nothing to do", file=sys.stderr)
+    splits = [image["split"] for image in meta["images"]]
+    return {"out": str(out), "n": len(splits), "train": splits.count("train"), "test": splits.count("test"),
+            "created": created, "seconds": round(time.monotonic() - started, 2)}
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,10 @@ from featurestore.backends import StoreError
 from featurestore.reader import EntryNotFound
 from featurestore.store import FeatureStore
 from ray_jobs.config import ConfigError, as_dict, option, run_job
-from ray_jobs.runtime import cluster_gpus, init_ray, log
+from ray_jobs.runtime import cluster_gpus, init_ray, is_local, log
 from trainers.losses import KINDS, LossSpec
 from trainers.student import StudentSpec
+from trainers.weights import WeightsError, check_local_file
 
 JOB = "train_student"
 
@@ -86,8 +88,9 @@ def main(cfg: TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainers.train_loop import train_loop_per_worker
+    from trainers.train_loop import load_history, train_loop_per_worker
 
+    started = time.perf_counter()
     store = FeatureStore(cfg.store)
     knowledge = store.open(cfg.knowledge_entry)
     if knowledge.spec.kind != "knowledge":
@@ -96,6 +99,8 @@ def main(cfg: TrainConfig) -> dict:
     student = StudentSpec(backbone=cfg.student.backbone, weights=cfg.student.weights,
                           feature_width=knowledge.layout.arrays[0].width, label=label, view=cfg.student.view,
                           freeze_backbone=cfg.student.freeze_backbone, seed=cfg.seed)
+    if is_local(cfg.ray_address):  # the workers share this machine's files: check before starting them
+        check_local_file(cfg.student.weights)
     init_ray(cfg.ray_address, cfg.num_cpus)
     gpus = cluster_gpus()
     if cfg.device == "cuda" and not gpus:
@@ -122,15 +127,20 @@ def main(cfg: TrainConfig) -> dict:
     metrics = result.metrics or {}
     test = {k.removeprefix("val_"): metrics[k] for k in ("val_srcc", "val_plcc", "val_acc", "val_emd", "val_n")
             if k in metrics}
+    history = []
+    if result.checkpoint:
+        with result.checkpoint.as_directory() as directory:
+            history = load_history(directory)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and "://" not in checkpoint and cfg.storage_path.startswith("s3://"):
         checkpoint = f"s3://{checkpoint}"
     log(JOB, f"done: checkpoint {checkpoint}; test {test}")
-    return {"checkpoint": checkpoint, "metrics": test, "epochs": metrics.get("epoch", -1) + 1,
+    return {"checkpoint": checkpoint, "metrics": test, "history": history, "epochs": metrics.get("epoch", -1) + 1,
             "train_rows_seen": metrics.get("train_rows_seen"),
-            "knowledge_entry": cfg.knowledge_entry, "loss": cfg.loss.kind, "student": student.to_json()}
+            "knowledge_entry": cfg.knowledge_entry, "loss": cfg.loss.kind, "student": student.to_json(),
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    sys.exit(run_job(JOB, TrainConfig, main, user_errors=(StoreError, EntryNotFound)))
+    sys.exit(run_job(JOB, TrainConfig, main, user_errors=(StoreError, EntryNotFound, WeightsError)))

@@ -56,6 +56,30 @@ def test_missing_or_invalid_file(tmp_path):
         load_config(Outer, str(bad), [])
 
 
+def test_base_file_is_overlaid_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("inner:\n  path: /data\n  fraction: 0.5\nnames: [x, y]\ncount: 3\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../base.yaml\ninner:\n  fraction: 0.25\nnames: [z]\n")
+    cfg = load_config(Outer, str(child), ["count=4"])
+    assert cfg == Outer(Inner("/data", 0.25), ("z",), "hub", 4, False)  # merged, list replaced, override last
+    grandchild = tmp_path / "sub" / "grandchild.yaml"
+    grandchild.write_text("base: child.yaml\nflag: true\n")
+    assert load_config(Outer, str(grandchild), []) == Outer(Inner("/data", 0.25), ("z",), "hub", 3, True)
+
+
+def test_base_errors_name_the_file(tmp_path):
+    loop_a, loop_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    loop_a.write_text("base: b.yaml\n")
+    loop_b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(Outer, str(loop_a), [])
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("base: missing.yaml\ninner: {path: /d}\n")
+    with pytest.raises(ConfigError, match="missing.yaml' not found"):
+        load_config(Outer, str(orphan), [])
+
+
 def test_help_lists_every_key_with_default():
     text = "\n".join(describe_keys(Outer))
     for key in ("inner.path", "inner.fraction", "names", "weights", "count", "flag"):

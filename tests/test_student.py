@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from trainers.cost import gflops
 from trainers.student import (SPEC_FILE, WEIGHTS_FILE, StudentError, StudentSpec, build_student, count_params,
-                              decoder_for, flops, load_student, save_student, view_size)
+                              decoder_for, load_student, save_student, view_size)
 
 TINY = dict(backbone="resnet18", view="resize:64", feature_width=16)
 
@@ -140,7 +141,7 @@ def test_params_and_flops_scale_with_the_view():
     model = build_student(small)
     assert count_params(model) > 11_000_000  # ResNet-18 without its classifier, plus fc and head
     model.train()
-    g_small, g_large = flops(model, small), flops(model, large)
+    g_small, g_large = gflops(model, *view_size(small.view)), gflops(model, *view_size(large.view))
     assert model.training  # the mode is restored
     assert 0.1 < g_small < 0.2  # ResNet-18 is 1.8 G multiply-adds at 224², so ~0.15 G at 64²
     assert g_large / g_small == pytest.approx(4, rel=0.02)

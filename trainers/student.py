@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from featurestore import sources
 from trainers.backbones import NORMALISATION, canonical_name, create_model
@@ -188,22 +187,6 @@ def decoder_for(spec: StudentSpec, device: str | torch.device = "auto", **option
 def count_params(model: nn.Module, trainable: bool = False) -> int:
     """Parameters of ``model`` (Table VIII's "Params"); only those requiring grad if ``trainable``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
-
-
-def flops(model: nn.Module, spec: StudentSpec) -> float:
-    """GFLOPs of one image at ``spec``'s view, counted as the paper counts them: one multiply-add
-    is one FLOP. ``FlopCounterMode`` counts two per multiply-add, so its total is halved; this
-    gives ResNeXt101-32x8d 30.4 G at 300×300 and 134.0 G at 640×640 (paper Table VII: 30.6,
-    134.7). Runs one forward pass in eval mode on the model's device; the mode is restored."""
-    h, w = view_size(spec.view)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, 3, h, w, device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() / 2 / 1e9
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

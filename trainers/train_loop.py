@@ -7,7 +7,9 @@ writes a checkpoint:
 
 * ``model.safetensors`` and ``student.json`` (trainers/student.py);
 * ``optimizer.safetensors`` + ``trainer_state.json``: the optimizer's tensors, and its param groups,
-  the scheduler and the epoch as JSON. No pickle, as everywhere in the project.
+  the scheduler and the epoch as JSON. No pickle, as everywhere in the project;
+* ``history.json``: every epoch's metrics so far, so that a resumed run still has its training
+  curves.
 
 Ray Train keeps the checkpoint under ``storage_path/name``. When a worker dies, or the run is
 restarted under the same name, training resumes at the epoch after the last checkpoint.
@@ -30,7 +32,7 @@ from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
 from trainers.student import StudentSpec, build_student, decoder_for, save_student, view_size
 from trainers.student_data import StudentStream, split_rows
 
-OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
+OPTIMIZER_FILE, STATE_FILE, HISTORY_FILE = "optimizer.safetensors", "trainer_state.json", "history.json"
 
 
 def save_trainer_state(directory: str, optimizer: torch.optim.Optimizer, scheduler, epoch: int) -> None:
@@ -58,6 +60,15 @@ def load_trainer_state(directory: str, optimizer: torch.optim.Optimizer, schedul
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     return int(meta["epoch"])
+
+
+def load_history(directory: str) -> list[dict]:
+    """Per-epoch metrics saved with a checkpoint; empty for checkpoints written before they were."""
+    path = os.path.join(directory, HISTORY_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
 
 
 def _distributed() -> bool:
@@ -96,13 +107,14 @@ def train_loop_per_worker(config: dict) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config["lr"])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config["lr_step_epochs"], gamma=0.1)
-    start_epoch = 0
+    start_epoch, history = 0, []
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as directory:
             from safetensors.torch import load_file
 
             model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
             start_epoch = load_trainer_state(directory, optimizer, scheduler) + 1
+            history = load_history(directory)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
         if world_size > 1 else model
 
@@ -141,12 +153,15 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.update({"epoch": epoch, "train_rows_seen": int(rows_seen), "lr": optimizer.param_groups[0]["lr"],
                         **{f"val_{k}": v for k, v in validate(ddp_model, streams["test"], label, device).items()},
                         "epoch_seconds": time.perf_counter() - started})
+        history.append(metrics)
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
             if rank == 0:
                 save_student(directory, model, spec, extra={"epoch": epoch, "knowledge_entry": config["knowledge_entry"],
                                                             "loss": config["loss"]})
                 save_trainer_state(directory, optimizer, scheduler, epoch)
+                with open(os.path.join(directory, HISTORY_FILE), "w") as f:
+                    json.dump(history, f)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)
 

@@ -68,6 +68,15 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
     return _flatten(obj, source)
 
 
+def check_local_file(source: str) -> None:
+    """Fail fast when ``source`` is a local weights path that does not exist (other forms pass)."""
+    if source in ("hub", "packaged") or source.startswith(("random", "s3://")):
+        return
+    if not Path(source).expanduser().is_file():
+        raise WeightsError(f"weights file {source!r} not found; pass an existing file, an s3:// URI, "
+                           "'packaged', 'hub' or 'random:<seed>'")
+
+
 def _read_bytes(source: str) -> bytes:
     if source.startswith("s3://"):
         import boto3
@@ -78,11 +87,8 @@ def _read_bytes(source: str) -> bytes:
             return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
         except (BotoCoreError, ClientError) as e:
             raise WeightsError(f"weights {source!r} could not be read from S3: {e}") from e
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise WeightsError(f"weights file {source!r} not found; pass an existing file, an s3:// URI, "
-                           "'packaged', 'hub' or 'random:<seed>'")
-    return path.read_bytes()
+    check_local_file(source)
+    return Path(source).expanduser().read_bytes()
 
 
 def _flatten(obj: object, source: str) -> dict[str, torch.Tensor]:

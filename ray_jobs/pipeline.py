@@ -1,0 +1,369 @@
+"""The whole paper pipeline in one job: teacher features → knowledge → students with and without KD → report.
+
+    python -m ray_jobs.pipeline --config configs/demo.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m ray_jobs.pipeline --config configs/paper_ava.yaml
+
+Stages, each the same code as its own job and each reusing what the store already holds:
+
+1. ``demo_data`` (optional): generate the demo dataset at ``dataset.path`` (once);
+2. extraction (``ray_jobs.extract``): backbones at full resolution → GSF entry. A complete entry
+   means zero forward passes;
+3. distillation (``ray_jobs.distill``): GSFs → knowledge entry. A complete entry means no refit;
+4. students (``ray_jobs.train_student``): every ``students`` × ``losses`` × ``seeds`` experiment
+   on Ray Train, then ``ray_jobs.evaluate`` on the test split. A finished experiment is recorded
+   in ``report/runs/<name>.json`` (the name hashes its whole training config and the knowledge
+   entry), and a later run with the same experiment reads the record instead of training;
+5. the report: ``report/report.md`` with the Tables V/VIII-shaped table (model, input, params,
+   FLOPs, SRCC, PLCC, Acc, EMD, wall time), the KD-vs-baseline comparison over seeds, and PNG
+   plots (predicted vs ground truth, per category, training curves).
+
+One failed experiment is named on stderr and in the result, and the others still run. Progress
+goes to stderr. The last stdout line is JSON: report, table, extract (entry, forward_passes,
+reused), distill (entry, reused), students (one per experiment: name, loss, seed, trained or
+reused, metrics), failed, seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featurestore.backends import StoreError
+from safetensors.numpy import load as load_safetensors
+
+from featurestore.datasets import DatasetError
+from featurestore.layout import STATUS_OK
+from featurestore.reader import EntryNotFound
+from featurestore.sources import SourceError, read_bytes
+from featurestore.store import FeatureStore
+from ray_jobs import distill, evaluate, extract, report, train_student
+from ray_jobs.config import ConfigError, as_dict, from_dict, option, run_job
+from ray_jobs.extract import DatasetConfig
+from ray_jobs.runtime import cluster_gpus, init_ray, is_local, log
+from ray_jobs.train_student import LossConfig, StudentConfig
+from trainers.backbones import BackboneError
+from trainers.knowledge import KnowledgeError
+from trainers.metrics import mean_score
+from trainers.student import StudentError, StudentSpec, view_size
+from trainers.weights import WeightsError
+
+JOB = "pipeline"
+#: Keys of the stage sections that the pipeline sets itself, from its top-level keys.
+SET_BY_PIPELINE = {
+    "extract": ("dataset", "store", "ray_address", "num_cpus"),
+    "distill": ("store", "gsf_entry", "ray_address"),
+    "train": ("store", "knowledge_entry", "student", "loss", "seed", "name", "ray_address", "num_cpus"),
+}
+SIZE_SAMPLE = 32  # images whose size gives the teacher's "full res" input in the table
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    n: int = option(160, help="number of images")
+    seed: int = option(0, help="generator seed")
+    test_fraction: float = option(0.2, help="share of test images")
+    long_side: tuple[int, ...] = option((400, 900), help="[min, max] long side in pixels")
+
+    def __post_init__(self):
+        if self.n < 1 or not 0 < self.test_fraction < 1 or len(self.long_side) != 2 \
+                or not 16 <= self.long_side[0] <= self.long_side[1]:
+            raise ConfigError("demo_data needs n ≥ 1, 0 < test_fraction < 1 and long_side [min, max] with 16 ≤ min ≤ max")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    dataset: DatasetConfig
+    students: tuple[StudentConfig, ...] = option(help="student models, each trained with every loss and seed")
+    store: str = option("./store", help="feature store: local directory or s3://bucket/prefix")
+    demo_data: DemoDataConfig | None = option(None, help="generate the demo dataset at dataset.path first")
+    extract: dict[str, Any] = option(default_factory=dict, help="ray_jobs.extract keys (not dataset/store)")
+    distill: dict[str, Any] = option(default_factory=dict, help="ray_jobs.distill keys (not store/gsf_entry)")
+    train: dict[str, Any] = option(default_factory=dict, help="ray_jobs.train_student keys (epochs, lr, num_workers…)")
+    losses: tuple[str | LossConfig, ...] = option(("kd", "baseline"), help="loss kinds or loss sections")
+    seeds: tuple[int, ...] = option((0, 1, 2), help="one student run per seed")
+    evaluate_batch_size: int = option(32, help="images per forward pass when scoring the test split")
+    report: str = option("report", help="local directory for report.md, plots, predictions and run records")
+    ray_address: str | None = option(None, help="Ray cluster address; default RAY_ADDRESS or a local instance")
+    num_cpus: int | None = option(None, help="logical CPUs of a local Ray instance (default max(4, cores))")
+
+    def __post_init__(self):
+        if not self.students or not self.losses or not self.seeds:
+            raise ConfigError("students, losses and seeds must each name at least one")
+        if self.demo_data and (self.dataset.format != "ava" or "://" in self.dataset.path):
+            raise ConfigError("demo_data writes an AVA-layout dataset to a local dataset.path with dataset.format ava")
+        for stage, keys in SET_BY_PIPELINE.items():
+            if taken := sorted(set(getattr(self, stage)) & set(keys)):
+                raise ConfigError(f"{stage}.{taken[0]} is set by the pipeline; set the top-level key instead")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One student run: a training config whose name identifies it, and how to label it."""
+
+    config: train_student.TrainConfig
+    model: str  # the report's row: student and loss
+    group: str  # students in one group differ only in loss
+
+
+def stage_configs(cfg: PipelineConfig) -> tuple[extract.ExtractConfig, distill.DistillConfig]:
+    common = {"ray_address": cfg.ray_address}
+    ex = from_dict(extract.ExtractConfig, {**cfg.extract, **common, "dataset": as_dict(cfg.dataset),
+                                          "store": cfg.store, "num_cpus": cfg.num_cpus}, prefix="extract.")
+    di = from_dict(distill.DistillConfig, {**cfg.distill, **common, "store": cfg.store, "gsf_entry": "(extract)"},
+                   prefix="distill.")
+    return ex, di
+
+
+def plan_experiments(cfg: PipelineConfig, knowledge_entry: str) -> list[Experiment]:
+    """Students × losses × seeds, each named ``<loss>-<backbone>-s<seed>-<hash>``: the hash covers
+    the knowledge entry and every training key, so equal names mean equal experiments."""
+    losses = [LossConfig(kind=loss) if isinstance(loss, str) else loss for loss in cfg.losses]
+    experiments = []
+    for student in cfg.students:
+        for loss in losses:
+            for seed in cfg.seeds:
+                tree = {**cfg.train, "store": cfg.store, "knowledge_entry": knowledge_entry,
+                        "student": as_dict(student), "loss": as_dict(loss), "seed": seed,
+                        "ray_address": cfg.ray_address, "num_cpus": cfg.num_cpus}
+                identity = {k: v for k, v in tree.items() if k not in ("ray_address", "num_cpus", "storage_path",
+                                                                        "max_failures", "store")}
+                digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+                name = f"{loss.kind}-{student.backbone}-s{seed}-{digest}".replace("/", "_")
+                config = from_dict(train_student.TrainConfig, {**tree, "name": name}, prefix="train.")
+                experiments.append(Experiment(config, model=f"Student {student.backbone}, {loss.kind}",
+                                              group=f"{student.backbone}@{student.view}"))
+    return experiments
+
+
+def main(cfg: PipelineConfig) -> dict:
+    started = time.perf_counter()
+    extract_cfg, distill_cfg = stage_configs(cfg)
+    plan_experiments(cfg, "knowledge-0")  # every student config is checked before any slow step
+    out = Path(cfg.report)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+
+    if cfg.demo_data:
+        from ray_jobs.make_demo_data import DemoDataError, generate
+
+        d = cfg.demo_data
+        log(JOB, f"demo dataset at {cfg.dataset.path} ({d.n} images, seed {d.seed})")
+        try:
+            generate(Path(cfg.dataset.path), d.n, d.seed, d.test_fraction, tuple(d.long_side))
+        except DemoDataError as exc:
+            raise ConfigError(str(exc)) from None
+
+    log(JOB, "stage 1/3: teacher features (GSFs)")
+    extracted = extract.main(extract_cfg)
+    log(JOB, f"GSF entry {extracted['entry']}: {extracted['forward_passes']} forward passes, "
+             f"{'reused' if extracted['reused'] else 'computed'} ({extracted['seconds']:.0f} s)")
+    log(JOB, "stage 2/3: teacher knowledge (distiller)")
+    distilled = distill.main(replace(distill_cfg, gsf_entry=extracted["entry"]))
+    log(JOB, f"knowledge entry {distilled['entry']}: {'reused, no refit' if distilled['reused'] else 'fitted'} "
+             f"({distilled['seconds']:.0f} s); teacher test {fmt_metrics(distilled['test'])}")
+    teacher = teacher_model(cfg, extracted, distilled)
+
+    experiments = plan_experiments(cfg, distilled["entry"])
+    log(JOB, f"stage 3/3: {len(experiments)} student runs ({len(cfg.students)} students × "
+             f"{len(cfg.losses)} losses × {len(cfg.seeds)} seeds)")
+    runs, failed = [], []
+    for i, experiment in enumerate(experiments, 1):
+        name = experiment.config.name
+        try:
+            record = run_experiment(cfg, experiment, out, f"{i}/{len(experiments)}")
+        except Exception as exc:  # noqa: BLE001 — one failed experiment must not stop the others
+            log(JOB, f"error: student run {name} failed: {type(exc).__name__}: {exc}; the other runs go on")
+            failed.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        runs.append((experiment, record))
+
+    results = report_input(cfg, extracted, distilled, teacher, runs, failed)
+    written = report.write_report(results, out)
+    for line in written["table"].splitlines():
+        log(JOB, line)
+    for line in report.comparison_lines(results):
+        log(JOB, line)
+    log(JOB, f"report: {written['report']}")
+    return {"report": written["report"], "table": written["table"],
+            "extract": {k: extracted[k] for k in ("entry", "forward_passes", "reused", "computed_rows", "seconds")},
+            "distill": {k: distilled[k] for k in ("entry", "reused", "test", "seconds")},
+            "students": [{"name": e.config.name, "loss": e.config.loss.kind, "seed": e.config.seed,
+                          "backbone": e.config.student.backbone, "reused": r["reused"], "metrics": r["metrics"],
+                          "checkpoint": r["checkpoint"], "seconds": r["seconds"]} for e, r in runs],
+            "trained": sum(not r["reused"] for _, r in runs), "reused_students": sum(r["reused"] for _, r in runs),
+            "failed": failed, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_experiment(cfg: PipelineConfig, experiment: Experiment, out: Path, position: str) -> dict:
+    """Train and evaluate one student, or read its record if an earlier run finished it."""
+    name = experiment.config.name
+    record_path = out / "runs" / f"{name}.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        log(JOB, f"student {position} {name}: finished earlier, reusing its record (no training)")
+        return {**record, "reused": True}
+    log(JOB, f"student {position} {name}: training")
+    trained = train_student.main(experiment.config)
+    log(JOB, f"student {position} {name}: scoring the test split")
+    scored, predictions = evaluate_on_test(cfg, trained["checkpoint"])
+    csv_path = out / "predictions" / f"{name}.csv"
+    csv_path.parent.mkdir(exist_ok=True)
+    csv_path.write_text(predictions)
+    rows = list(csv.DictReader(io.StringIO(predictions)))
+    record = {"name": name, "config": as_dict(experiment.config), "student": trained["student"],
+              "checkpoint": trained["checkpoint"],
+              "metrics": scored["metrics"], "per_category": scored["per_category"], "n": scored["n"],
+              "failed_images": scored["failed"], "history": trained["history"], "seconds": trained["seconds"],
+              "gt_mean": [float(r["gt_mean"]) for r in rows], "pred_mean": [float(r["pred_mean"]) for r in rows]}
+    write_json(record_path, record)
+    log(JOB, f"student {position} {name}: test {fmt_metrics(record['metrics'])} ({record['seconds']:.0f} s training)")
+    return {**record, "reused": False}
+
+
+def evaluate_on_test(cfg: PipelineConfig, checkpoint: str) -> tuple[dict, str]:
+    """``ray_jobs.evaluate`` on the test split: here, or on a GPU worker when the cluster has GPUs
+    and this driver has none. Returns its result and the per-image CSV text."""
+    eval_cfg = evaluate.EvaluateConfig(checkpoint=checkpoint, dataset=cfg.dataset, split="test",
+                                       batch_size=cfg.evaluate_batch_size)
+    if not is_local(cfg.ray_address):
+        import ray
+        import torch
+
+        if cluster_gpus() and not torch.cuda.is_available():
+            return ray.get(ray.remote(num_gpus=1)(_evaluate).remote(eval_cfg))
+    return _evaluate(eval_cfg)
+
+
+def _evaluate(eval_cfg: evaluate.EvaluateConfig) -> tuple[dict, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "predictions.csv"
+        result = evaluate.main(replace(eval_cfg, output=str(path)))
+        return result, path.read_text()
+
+
+def teacher_model(cfg: PipelineConfig, extracted: dict, distilled: dict) -> dict:
+    """The teacher's report row: the distiller on the trio's GSFs, at full resolution."""
+    from trainers.cost import teacher_cost
+
+    store = FeatureStore(cfg.store)
+    knowledge = store.open(distilled["entry"])
+    spec = knowledge.read_document("distiller")["spec"]
+    dataset = store.open(extracted["entry"]).read_document("dataset")
+    test = np.flatnonzero(np.asarray(dataset["splits"]) == "test")
+    height, width = median_size([dataset["uris"][i] for i in test[:SIZE_SAMPLE]] or dataset["uris"][:SIZE_SAMPLE])
+    params, gflops = teacher_cost(spec["backbones"], height, width)
+    distiller_params = sum(a.size for a in load_safetensors(knowledge.read_blob("distiller.safetensors")).values())
+    metrics = knowledge.read_document("metrics")
+    timing = teacher_timing(Path(cfg.report), extracted, distilled)
+    gt_mean, pred_mean = [], []
+    if spec["label"] == "distribution" and dataset.get("votes") is not None and len(test):
+        ok = knowledge.status()[test] == STATUS_OK
+        pred = knowledge.read_rows(test, ["distribution"])["distribution"]
+        gt_mean = mean_score(np.asarray(dataset["votes"], np.float64)[test])[ok].tolist()
+        pred_mean = mean_score(pred.astype(np.float64))[ok].tolist()
+    return {"name": f"Teacher: {' + '.join(spec['backbones'])} → distiller", "role": "teacher", "loss": None,
+            "group": None, "input": f"full res (median {width}×{height})", "params": params + distiller_params,
+            "flops": (gflops + distiller_params / 1e9) * 1e9,
+            "runs": [{"seed": spec["seed"], "seconds": timing["seconds"], "reused": timing["reused"],
+                      "metrics": distilled["test"] or {}, "gt_mean": gt_mean, "pred_mean": pred_mean,
+                      "per_category": metrics.get("per_category", []),
+                      "history": metrics.get("history", [])}]}
+
+
+def teacher_timing(out: Path, extracted: dict, distilled: dict) -> dict:
+    """Wall seconds of extraction + distillation. A stage that reused its entry took no time in this
+    run; its time is read from the record this pipeline wrote when it computed the entry."""
+    seconds, reused = 0.0, True
+    for stage, result in (("extract", extracted), ("distill", distilled)):
+        path = out / "runs" / f"{stage}-{result['entry']}.json"
+        if not result["reused"]:
+            write_json(path, {"entry": result["entry"], "seconds": result["seconds"]})
+            reused = False
+        elif path.exists():
+            result = json.loads(path.read_text())
+        seconds += result["seconds"]
+    return {"seconds": seconds, "reused": reused}
+
+
+def median_size(uris: list[str]) -> tuple[int, int]:
+    """Median (height, width) of these images, from their headers."""
+    from PIL import Image
+
+    sizes = []
+    for uri in uris:
+        try:
+            with Image.open(io.BytesIO(read_bytes(uri))) as image:
+                sizes.append(image.size[::-1])
+        except (OSError, SourceError):
+            continue  # extraction already named unreadable images
+    if not sizes:
+        raise DatasetError("no test image could be read to size the teacher's input")
+    height, width = np.median(np.asarray(sizes), axis=0)
+    return int(height), int(width)
+
+
+def report_input(cfg: PipelineConfig, extracted: dict, distilled: dict, teacher: dict,
+                 runs: list[tuple[Experiment, dict]], failed: list[dict]) -> dict:
+    """What ``ray_jobs.report`` renders: one teacher row, one row per student × loss over seeds."""
+    models: dict[str, dict] = {}
+    for experiment, record in runs:
+        spec = StudentSpec.from_json(record["student"])
+        h, w = view_size(spec.view)
+        if experiment.model not in models:
+            from trainers.cost import student_cost
+
+            params, gflops = student_cost(spec)
+            models[experiment.model] = {"name": experiment.model, "role": "student",
+                                        "loss": experiment.config.loss.kind, "group": experiment.group,
+                                        "input": f"{h}×{w}" + (" (backbone frozen)" if spec.freeze_backbone else ""),
+                                        "params": params, "flops": gflops * 1e9, "runs": []}
+        models[experiment.model]["runs"].append(
+            {"seed": experiment.config.seed, "seconds": record["seconds"], "reused": record["reused"],
+             "metrics": record["metrics"], "gt_mean": record["gt_mean"], "pred_mean": record["pred_mean"],
+             "per_category": record["per_category"], "history": record["history"]})
+    dataset = FeatureStore(cfg.store).open(extracted["entry"]).read_document("dataset")
+    splits = list(dataset["splits"])
+    train = as_dict(plan_experiments(cfg, distilled["entry"])[0].config)
+    notes = [f"Student run {f['name']} failed: {f['error']}" for f in failed]
+    return {
+        "title": f"Teacher vs students on {dataset.get('name', cfg.dataset.path)}",
+        "setup": {
+            "dataset": f"{cfg.dataset.path} ({len(splits)} images: {splits.count('train')} train, "
+                       f"{splits.count('test')} test)",
+            "store": cfg.store,
+            "GSF entry": f"{extracted['entry']} ({'reused, 0 forward passes' if extracted['reused'] else 'computed'})",
+            "knowledge entry": f"{distilled['entry']} ({'reused, no refit' if distilled['reused'] else 'fitted'})",
+            "students": f"{train['epochs']} epochs, batch {train['batch_size']} per worker, "
+                        f"{train['num_workers']} workers, Adam {train['lr']:g} ÷10 every {train['lr_step_epochs']} epochs",
+            "seeds": ", ".join(map(str, cfg.seeds)),
+        },
+        "models": [teacher, *models.values()], "notes": notes,
+    }
+
+
+def fmt_metrics(metrics: dict | None) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in (metrics or {}).items() if k in evaluate.METRICS and v is not None)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write through a temporary name, so a killed run never leaves a half-written record."""
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    sys.exit(run_job(JOB, PipelineConfig, main, user_errors=(
+        BackboneError, WeightsError, DatasetError, StoreError, SourceError, EntryNotFound, KnowledgeError,
+        StudentError, extract.SpecMismatch)))

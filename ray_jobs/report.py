@@ -1,0 +1,440 @@
+"""Render the end-to-end pipeline's results as a report: markdown tables, honest comparisons, PNGs.
+
+Why a module of its own: the pipeline spends an hour extracting, distilling and training; what
+a reader needs at the end is the paper's Table V/VIII for *these* runs (model, input, params,
+FLOPs, SRCC, PLCC, Acc, EMD), whether knowledge distillation beat the baseline by more than
+seed-to-seed noise, and a few pictures that show *why* (predicted vs ground-truth scores, SRCC
+per semantic category, training curves). Keeping rendering pure — a JSON-able ``results`` dict
+in, files out, no torch, no Ray — lets it be tested in milliseconds and re-run on a saved
+``results.json`` without re-training anything.
+
+``results`` (built by the pipeline)::
+
+    {"title": str, "setup": {str: str}, "notes": [markdown paragraph, ...],
+     "models": [{"name", "role": "teacher" | "student", "loss": str | None, "group": str | None,
+                 "input": str, "params": int, "flops": float (one image; one multiply-add = one FLOP),
+                 "runs": [{"seed", "seconds", "reused",
+                           "metrics": {"srcc", "plcc", "acc", "emd"} (float | None),
+                           "gt_mean": [...], "pred_mean": [...],   # test split, 1..10 scale
+                           "per_category": [{"name", "n", "portion", "srcc", ...}, ...],
+                           "history": [{"epoch", "loss", "val_srcc" (optional)}, ...]}, ...]},
+                ...]}
+
+Across a model's runs (one per seed) every metric is reported as mean ± sample sd (ddof = 1).
+A loss is called better or worse than the baseline only when the difference of means exceeds
+the larger of the two seed spreads; anything smaller is reported as no clear difference.
+
+Plots use matplotlib's ``Figure`` with the Agg canvas directly (never pyplot), so rendering is
+headless, leaves no global figure state behind, and matplotlib is imported only when plotting.
+Every file is written to a temporary name and moved into place, so a crash never leaves a
+half-written report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+import textwrap
+from collections.abc import Iterable
+from pathlib import Path
+
+METRICS = ("srcc", "plcc", "acc", "emd")
+METRIC_LABELS = {"srcc": "SRCC", "plcc": "PLCC", "acc": "Acc", "emd": "EMD"}
+TABLE_COLUMNS = ("Model", "Input", "Params (M)", "GFLOPs", "SRCC", "PLCC", "Acc", "EMD", "Wall time")
+MISSING = "–"
+MINUS = "−"
+SCATTER_PNG = "scatter.png"
+CATEGORIES_PNG = "categories.png"
+TRAINING_CURVES_PNG = "training_curves.png"
+SEED_LINESTYLES = ("-", "--", ":", "-.")
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def mean_sd(values: Iterable[float | None]) -> dict:
+    """``{"mean", "sd", "n"}`` of the values that are not None; sd is the sample sd (ddof = 1).
+
+    mean is None without values, sd None with fewer than two.
+    """
+    present = [float(v) for v in values if v is not None]
+    return {"mean": statistics.fmean(present) if present else None,
+            "sd": statistics.stdev(present) if len(present) > 1 else None,
+            "n": len(present)}
+
+
+def summarize(model: dict) -> dict:
+    """One model's runs in aggregate: ``{"runs", "seconds", "reused", "metrics": {m: mean_sd}}``.
+
+    ``seconds`` is the mean wall time per run; ``reused`` is True only when every run was reused.
+    """
+    runs = model["runs"]
+    if not runs:
+        raise ValueError(f"model {model['name']!r} has no runs")
+    return {"runs": len(runs),
+            "seconds": statistics.fmean(float(run["seconds"]) for run in runs),
+            "reused": all(run["reused"] for run in runs),
+            "metrics": {m: mean_sd(run["metrics"].get(m) for run in runs) for m in METRICS}}
+
+
+def format_stat(stat: dict) -> str:
+    """``0.512 ± 0.031`` (several values), ``0.512`` (one) or ``–`` (none)."""
+    if stat["mean"] is None:
+        return MISSING
+    if stat["sd"] is None:
+        return f"{stat['mean']:.3f}"
+    return f"{stat['mean']:.3f} ± {stat['sd']:.3f}"
+
+
+def format_signed(x: float) -> str:
+    """``+0.012`` / ``−0.070`` with a typographic minus."""
+    return f"{x:+.3f}".replace("-", MINUS)
+
+
+def format_seconds(seconds: float) -> str:
+    """``4.2s`` below ten seconds, ``42s``, ``1m 23s``, ``2h 05m``."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+
+
+def format_scaled(value: float | None, scale: float) -> str:
+    """``value / scale`` with two decimals, ``–`` when unknown (params in M, FLOPs in G)."""
+    return MISSING if value is None else f"{value / scale:.2f}"
+
+
+def display_name(model: dict) -> str:
+    """The model's name, with ``(3 seeds)`` when it has several runs."""
+    runs = len(model["runs"])
+    return f"{model['name']} ({runs} seeds)" if runs > 1 else model["name"]
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def markdown_cell(text: str) -> str:
+    """Text that cannot break a markdown table row."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
+    header = [markdown_cell(h) for h in header]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(markdown_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_row(model: dict) -> list[str]:
+    summary = summarize(model)
+    wall = format_seconds(summary["seconds"]) + (" (reused)" if summary["reused"] else "")
+    return [display_name(model), model["input"], format_scaled(model.get("params"), 1e6),
+            format_scaled(model.get("flops"), 1e9),
+            *(format_stat(summary["metrics"][m]) for m in METRICS), wall]
+
+
+def results_table(results: dict) -> str:
+    """The paper's Table V/VIII for these runs, one row per model (mean ± sample sd over seeds)."""
+    return markdown_table(TABLE_COLUMNS, (results_row(model) for model in results["models"]))
+
+
+def setup_table(setup: dict) -> str:
+    return markdown_table(("Setup", "Value"), ((key, value) for key, value in setup.items()))
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def verdict(loss: str, difference: float, spread: float | None, higher_is_better: bool) -> str:
+    """Better / worse only when |difference of means| exceeds the larger seed sd ``spread``."""
+    if spread is not None and abs(difference) <= spread:
+        return "within the seed spread — no clear difference"
+    if difference == 0:
+        return "no difference"
+    better = (difference > 0) == higher_is_better
+    if spread is None:
+        return f"{loss} is {'better' if better else 'worse'} in this single run (seed spread unknown)"
+    return f"{loss} is {'better' if better else 'worse'} here"
+
+
+def metric_comparison(metric: str, loss: str, candidate: dict, baseline: dict) -> str | None:
+    """``SRCC a vs b, a difference of d; <verdict>.`` or None when either mean is missing."""
+    a, b = candidate["metrics"][metric], baseline["metrics"][metric]
+    if a["mean"] is None or b["mean"] is None:
+        return None
+    difference = a["mean"] - b["mean"]
+    spreads = [sd for sd in (a["sd"], b["sd"]) if sd is not None]
+    higher_is_better = metric != "emd"
+    label = METRIC_LABELS[metric] + ("" if higher_is_better else " (lower is better)")
+    return (f"{label} {format_stat(a)} vs {format_stat(b)}, a difference of {format_signed(difference)}; "
+            f"{verdict(loss, difference, max(spreads) if spreads else None, higher_is_better)}.")
+
+
+def seeds_phrase(candidate: dict, baseline: dict) -> str:
+    a, b = candidate["runs"], baseline["runs"]
+    if a == b:
+        return f"{a} seed" + ("s" if a > 1 else "")
+    return f"{a} vs {b} seeds"
+
+
+def comparison_lines(results: dict) -> list[str]:
+    """One sentence per non-baseline loss of every student group that has a baseline: SRCC and EMD."""
+    groups: dict[str, list[dict]] = {}
+    for model in results["models"]:
+        if model["role"] == "student" and model.get("group") is not None:
+            groups.setdefault(model["group"], []).append(model)
+    lines = []
+    for group, models in groups.items():
+        baseline = next((m for m in models if m.get("loss") == "baseline"), None)
+        if baseline is None:
+            continue
+        baseline_summary = summarize(baseline)
+        for model in models:
+            loss = model.get("loss")
+            if loss in (None, "baseline"):
+                continue
+            summary = summarize(model)
+            clauses = [c for m in ("srcc", "emd") if (c := metric_comparison(m, loss, summary, baseline_summary))]
+            lines.append(f"{loss} vs baseline ({group}, {seeds_phrase(summary, baseline_summary)}): "
+                         + (" ".join(clauses) if clauses else "no metric is available for both."))
+    return lines
+
+
+# ---------------------------------------------------------------- per category
+
+
+def category_names(results: dict) -> list[str]:
+    """Every category of any run, largest first (by its largest ``n``), ties in order of appearance."""
+    largest: dict[str, int] = {}
+    for model in results["models"]:
+        for run in model["runs"]:
+            for row in run.get("per_category", ()):
+                largest[row["name"]] = max(largest.get(row["name"], 0), int(row["n"]))
+    return sorted(largest, key=lambda name: -largest[name])
+
+
+def category_srcc(model: dict) -> dict[str, dict]:
+    """``{category: mean_sd of SRCC over the model's runs}``."""
+    values: dict[str, list] = {}
+    for run in model["runs"]:
+        for row in run.get("per_category", ()):
+            values.setdefault(row["name"], []).append(row.get("srcc"))
+    return {name: mean_sd(srccs) for name, srccs in values.items()}
+
+
+def category_sizes(results: dict) -> dict[str, str]:
+    """``{category: "12"}``, or ``"10–12"`` when models were scored on different image counts."""
+    sizes: dict[str, set[int]] = {}
+    for model in results["models"]:
+        for run in model["runs"]:
+            for row in run.get("per_category", ()):
+                sizes.setdefault(row["name"], set()).add(int(row["n"]))
+    return {name: str(min(n)) if len(n) == 1 else f"{min(n)}–{max(n)}" for name, n in sizes.items()}
+
+
+def category_table(results: dict) -> str:
+    """Categories × models: SRCC mean ± sample sd over seeds (``–`` where too few images)."""
+    sizes = category_sizes(results)
+    per_model = [category_srcc(model) for model in results["models"]]
+    rows = ([name, sizes[name], *(format_stat(srcc.get(name, mean_sd(()))) for srcc in per_model)]
+            for name in category_names(results))
+    return markdown_table(("Category", "Images", *(display_name(m) for m in results["models"])), rows)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (headless, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def message_figure(text: str):
+    figure = new_figure(6, 2.5)
+    axes = figure.subplots()
+    axes.axis("off")
+    axes.text(0.5, 0.5, text, ha="center", va="center", fontsize=14)
+    return figure
+
+
+def save_figure(figure, out_dir: str | os.PathLike, name: str) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    write_atomically(Path(out_dir) / name, buffer.getvalue())
+    return name
+
+
+def wrapped(text: str, width: int = 42) -> str:
+    return textwrap.fill(text, width)
+
+
+def plot_scatter(results: dict, out_dir: str | os.PathLike) -> str:
+    """Predicted vs ground-truth mean score on the test split: one panel per model, colour per seed."""
+    import matplotlib
+
+    models = [m for m in results["models"] if any(len(run.get("gt_mean", ())) for run in m["runs"])]
+    if not models:
+        return save_figure(message_figure("no test predictions"), out_dir, SCATTER_PNG)
+    columns = min(3, len(models))
+    rows = math.ceil(len(models) / columns)
+    figure = new_figure(4.3 * columns, 4.5 * rows)
+    panels = figure.subplots(rows, columns, squeeze=False).ravel()
+    seed_colours = matplotlib.colormaps["tab10"]
+    for axes, model in zip(panels, models):
+        low, high = math.inf, -math.inf
+        for i, run in enumerate(r for r in model["runs"] if len(r.get("gt_mean", ()))):
+            gt, pred = run["gt_mean"], run["pred_mean"]
+            axes.scatter(gt, pred, s=10, alpha=0.6, color=seed_colours(i % 10), label=f"seed {run['seed']}")
+            low, high = min(low, min(gt), min(pred)), max(high, max(gt), max(pred))
+        axes.plot([low, high], [low, high], color="grey", linewidth=1, label="y = x")
+        axes.set_xlabel("ground-truth mean score")
+        axes.set_ylabel("predicted mean score")
+        srcc = format_stat(summarize(model)["metrics"]["srcc"])
+        axes.set_title(f"{wrapped(model['name'])}\nSRCC {srcc}", fontsize=9)
+        axes.legend(fontsize="x-small", loc="upper left")
+    for axes in panels[len(models):]:
+        axes.axis("off")
+    return save_figure(figure, out_dir, SCATTER_PNG)
+
+
+def plot_categories(results: dict, out_dir: str | os.PathLike) -> str:
+    """SRCC per semantic category (mean over seeds), one bar per model; empty where undefined."""
+    names = category_names(results)
+    if not names:
+        return save_figure(message_figure("no per-category results"), out_dir, CATEGORIES_PNG)
+    models = results["models"]
+    figure = new_figure(max(7.0, 0.3 * len(names) * len(models) + 3), 5.5)
+    axes = figure.subplots()
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        srcc = category_srcc(model)
+        heights = [srcc.get(name, mean_sd(()))["mean"] for name in names]
+        axes.bar([c + (i - (len(models) - 1) / 2) * width for c in range(len(names))],
+                 [math.nan if h is None else h for h in heights], width, label=wrapped(model["name"], 60))
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    axes.set_ylabel("SRCC (mean over seeds)")
+    axes.set_title("SRCC per semantic category (test split; empty: too few images)")
+    figure.legend(loc="outside lower center", ncols=min(2, len(models)), fontsize="small")
+    return save_figure(figure, out_dir, CATEGORIES_PNG)
+
+
+def plot_training_curves(results: dict, out_dir: str | os.PathLike) -> str:
+    """Training loss and validation SRCC vs epoch, one line per student run (colour per model)."""
+    import matplotlib
+    import matplotlib.ticker
+
+    students = [(m, [r for r in m["runs"] if r.get("history")]) for m in results["models"]
+                if m["role"] == "student"]
+    students = [(m, runs) for m, runs in students if runs]
+    if not students:
+        return save_figure(message_figure("no training history"), out_dir, TRAINING_CURVES_PNG)
+    figure = new_figure(12, 5.5)
+    loss_axes, val_axes = figure.subplots(1, 2)
+    model_colours = matplotlib.colormaps["tab10"]
+    for i, (model, runs) in enumerate(students):
+        for j, run in enumerate(runs):
+            style = {"color": model_colours(i % 10), "linestyle": SEED_LINESTYLES[j % len(SEED_LINESTYLES)],
+                     "marker": ".", "label": f"{model['name']} seed {run['seed']}"}
+            losses = [(h["epoch"], h["loss"]) for h in run["history"] if h.get("loss") is not None]
+            val = [(h["epoch"], h["val_srcc"]) for h in run["history"] if h.get("val_srcc") is not None]
+            if losses:
+                loss_axes.plot(*zip(*losses), **style)
+            if val:
+                val_axes.plot(*zip(*val), **style)
+    loss_axes.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    val_axes.set(xlabel="epoch", ylabel="SRCC", title="Validation SRCC")
+    for axes in (loss_axes, val_axes):
+        axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if not val_axes.lines:
+        val_axes.text(0.5, 0.5, "no validation SRCC recorded", ha="center", va="center",
+                      transform=val_axes.transAxes)
+    handles, labels = loss_axes.get_legend_handles_labels()
+    if not handles:
+        handles, labels = val_axes.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")
+    return save_figure(figure, out_dir, TRAINING_CURVES_PNG)
+
+
+# ---------------------------------------------------------------- report
+
+
+def plain(value):
+    """NumPy arrays and scalars as lists and numbers, for ``json``."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"results hold a {type(value).__name__}, which JSON cannot store")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+INTRO = ("Teacher and students of *Distilling Knowledge from Object Classification to Aesthetics "
+         "Assessment*, scored on the test split in the shape of the paper's Tables V and VIII. "
+         "SRCC, PLCC and Acc: higher is better; EMD: lower is better. A cell with ± is the mean ± "
+         "sample sd over the model's seeds. GFLOPs are for one forward pass of one image, one "
+         "multiply-add counted as one FLOP as in the paper; the teacher's are the backbones' at the "
+         "median test image size plus the distiller's. Wall time is the mean per run; *(reused)* "
+         "marks results found in the store or in an earlier run's record, not recomputed.")
+
+COMPARISON_RULE = ("A loss is called better or worse than the baseline only when the difference of "
+                   "means exceeds the larger of the two seed sds; a smaller one is reported as no clear difference.")
+
+
+def report_markdown(results: dict, table: str, plots: dict[str, str]) -> str:
+    comparisons = comparison_lines(results)
+    sections = [f"# {results['title']}", INTRO, "## Setup", setup_table(results.get("setup", {})),
+                "## Results", table, "## Comparison"]
+    if comparisons:
+        sections += [COMPARISON_RULE, "\n".join(f"- {line}" for line in comparisons)]
+    else:
+        sections.append("No student group has both a baseline and another loss, so there is nothing to compare.")
+    sections += list(results.get("notes", ()))
+    sections += ["## Predicted vs ground truth (test split)",
+                 f"![Predicted vs ground-truth mean score]({plots['scatter']})",
+                 "## SRCC per semantic category",
+                 f"![SRCC per semantic category]({plots['categories']})",
+                 category_table(results),
+                 "## Training curves",
+                 f"![Training loss and validation SRCC]({plots['training_curves']})"]
+    return "\n\n".join(sections) + "\n"
+
+
+def write_report(results: dict, out_dir: str | os.PathLike) -> dict:
+    """Write report.md, results.json and the three PNGs into ``out_dir`` (created).
+
+    Returns ``{"report": path of report.md, "table": the results table, "plots": [PNG paths]}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {"scatter": plot_scatter(results, out), "categories": plot_categories(results, out),
+             "training_curves": plot_training_curves(results, out)}
+    as_json = json.dumps(results, indent=1, ensure_ascii=False, default=plain)
+    write_atomically(out / "results.json", as_json.encode())
+    table = results_table(results)
+    write_atomically(out / "report.md", report_markdown(results, table, plots).encode())
+    return {"report": str(out / "report.md"), "table": table, "plots": [str(out / name) for name in plots.values()]}

