@@ -1,7 +1,7 @@
 """Render the end-to-end pipeline's results as a report: markdown tables, honest comparisons, PNGs.
 
-Why a module of its own: the pipeline spends an hour extracting, distilling and training; what
-a reader needs at the end is the paper's Table V/VIII for *these* runs (model, input, params,
+Why a module of its own: the pipeline spends minutes (demo) to days (AVA) extracting,
+distilling and training; what a reader needs at the end is the paper's Table V/VIII for *these* runs (model, input, params,
 FLOPs, SRCC, PLCC, Acc, EMD), whether knowledge distillation beat the baseline by more than
 seed-to-seed noise, and a few pictures that show *why* (predicted vs ground-truth scores, SRCC
 per semantic category, training curves). Keeping rendering pure — a JSON-able ``results`` dict
