@@ -139,7 +139,10 @@ class Backend:
         return None if data is None else json.loads(data)
 
     def write_json(self, path: str, obj: Any) -> None:
-        obstore.put(self.objects, path, json.dumps(obj, indent=1, sort_keys=True).encode())
+        self.write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        obstore.put(self.objects, path, data)
 
     def create_json(self, path: str, obj: Any) -> bool:
         """Write ``obj`` only if ``path`` does not exist yet; ``True`` if this call created it."""

@@ -17,7 +17,10 @@ Stages, each the same code as its own job and each reusing what the store alread
    FLOPs, SRCC, PLCC, Acc, EMD, wall time), the KD-vs-baseline comparison over seeds, and PNG
    plots (predicted vs ground truth, per category, training curves).
 
-One failed experiment is named on stderr and in the result, and the others still run. Progress
+``report`` is a local directory or an ``s3://`` prefix. An S3 report is assembled in a local
+staging directory that starts with the prefix's run records and is uploaded at the end, also
+when the run fails, so no finished record is lost. One failed experiment is named on stderr and
+in the result, and the others still run. Progress
 goes to stderr. The last stdout line is JSON: report, table, extract (entry, forward_passes,
 reused), distill (entry, reused), students (one per experiment: name, loss, seed, trained or
 reused, metrics), failed, seconds.
@@ -33,13 +36,14 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from featurestore.backends import StoreError
+from featurestore.backends import Backend, StoreError
 from safetensors.numpy import load as load_safetensors
 
 from featurestore.datasets import DatasetError
@@ -93,7 +97,7 @@ class PipelineConfig:
     losses: tuple[str | LossConfig, ...] = option(("kd", "baseline"), help="loss kinds or loss sections")
     seeds: tuple[int, ...] = option((0, 1, 2), help="one student run per seed")
     evaluate_batch_size: int = option(32, help="images per forward pass when scoring the test split")
-    report: str = option("report", help="local directory for report.md, plots, predictions and run records")
+    report: str = option("report", help="report.md, plots, predictions and run records: local directory or s3:// prefix")
     ray_address: str | None = option(None, help="Ray cluster address; default RAY_ADDRESS or a local instance")
     num_cpus: int | None = option(None, help="logical CPUs of a local Ray instance (default max(4, cores))")
 
@@ -150,9 +154,39 @@ def main(cfg: PipelineConfig) -> dict:
     started = time.perf_counter()
     extract_cfg, distill_cfg = stage_configs(cfg)
     plan_experiments(cfg, "knowledge-0")  # every student config is checked before any slow step
-    out = Path(cfg.report)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    with staged_report(cfg.report) as out:
+        result = run(cfg, extract_cfg, distill_cfg, out)
+    if "://" in cfg.report:
+        result["report"] = f"{cfg.report.rstrip('/')}/{Path(result['report']).name}"
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
 
+
+@contextmanager
+def staged_report(location: str) -> Iterator[Path]:
+    """The report's local directory: ``location``, or for an ``s3://`` prefix a staging directory
+    that starts with the prefix's run records and is uploaded when the run ends (even by an error)."""
+    if "://" not in location:
+        (Path(location) / "runs").mkdir(parents=True, exist_ok=True)
+        yield Path(location)
+        return
+    backend = Backend(location)
+    with tempfile.TemporaryDirectory(prefix="report-") as tmp:
+        stage = Path(tmp)
+        (stage / "runs").mkdir()
+        for obj in backend.list("runs/"):
+            (stage / obj["path"]).write_bytes(backend.read_bytes(obj["path"]))
+        try:
+            yield stage
+        finally:
+            for file in sorted(p for p in stage.rglob("*") if p.is_file()):
+                backend.write_bytes(file.relative_to(stage).as_posix(), file.read_bytes())
+            log(JOB, f"report uploaded to {location}")
+
+
+def run(cfg: PipelineConfig, extract_cfg: extract.ExtractConfig, distill_cfg: distill.DistillConfig,
+        out: Path) -> dict:
+    """Every stage, writing the report into the local directory ``out``."""
     if cfg.demo_data:
         from ray_jobs.make_demo_data import DemoDataError, generate
 
@@ -171,7 +205,7 @@ def main(cfg: PipelineConfig) -> dict:
     distilled = distill.main(replace(distill_cfg, gsf_entry=extracted["entry"]))
     log(JOB, f"knowledge entry {distilled['entry']}: {'reused, no refit' if distilled['reused'] else 'fitted'} "
              f"({distilled['seconds']:.0f} s); teacher test {fmt_metrics(distilled['test'])}")
-    teacher = teacher_model(cfg, extracted, distilled)
+    teacher = teacher_model(cfg, out, extracted, distilled)
 
     experiments = plan_experiments(cfg, distilled["entry"])
     log(JOB, f"stage 3/3: {len(experiments)} student runs ({len(cfg.students)} students × "
@@ -201,7 +235,7 @@ def main(cfg: PipelineConfig) -> dict:
                           "backbone": e.config.student.backbone, "reused": r["reused"], "metrics": r["metrics"],
                           "checkpoint": r["checkpoint"], "seconds": r["seconds"]} for e, r in runs],
             "trained": sum(not r["reused"] for _, r in runs), "reused_students": sum(r["reused"] for _, r in runs),
-            "failed": failed, "seconds": round(time.perf_counter() - started, 1)}
+            "failed": failed}
 
 
 def run_experiment(cfg: PipelineConfig, experiment: Experiment, out: Path, position: str) -> dict:
@@ -251,7 +285,7 @@ def _evaluate(eval_cfg: evaluate.EvaluateConfig) -> tuple[dict, str]:
         return result, path.read_text()
 
 
-def teacher_model(cfg: PipelineConfig, extracted: dict, distilled: dict) -> dict:
+def teacher_model(cfg: PipelineConfig, out: Path, extracted: dict, distilled: dict) -> dict:
     """The teacher's report row: the distiller on the trio's GSFs, at full resolution."""
     from trainers.cost import teacher_cost
 
@@ -264,7 +298,7 @@ def teacher_model(cfg: PipelineConfig, extracted: dict, distilled: dict) -> dict
     params, gflops = teacher_cost(spec["backbones"], height, width)
     distiller_params = sum(a.size for a in load_safetensors(knowledge.read_blob("distiller.safetensors")).values())
     metrics = knowledge.read_document("metrics")
-    timing = teacher_timing(Path(cfg.report), extracted, distilled)
+    timing = teacher_timing(out, extracted, distilled)
     gt_mean, pred_mean = [], []
     if spec["label"] == "distribution" and dataset.get("votes") is not None and len(test):
         ok = knowledge.status()[test] == STATUS_OK

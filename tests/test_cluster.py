@@ -6,9 +6,9 @@
 * The KubeRay manifests are checked for the structure that matters: ray.io/v1, a head that runs
   no tasks, GPU limits on the workers, the project image and service account, token auth, and
   entrypoints. An entrypoint must name a job module that exists, a config file that exists, and
-  config keys the job knows (read from the job's dataclasses with ``ast``, without importing
-  it). The checks are functions that return a list of problems, and each is also shown to
-  catch a broken copy.
+  a config the job's own config class accepts (the pipeline's stage sections included). The
+  checks are functions that return a list of problems, and each is also shown to catch a
+  broken copy.
 * cluster/Dockerfile must install the torch/torchvision pinned in pyproject.toml, the DALI
   package pyproject.toml asks for, and one CUDA major version throughout.
 * cluster/request_gpus.py is tested with a fake autoscaler and clock.
@@ -37,10 +37,8 @@ AWS_YAML = CLUSTER / "aws.yaml"
 DOCKERFILE = CLUSTER / "Dockerfile"
 README = CLUSTER / "README.md"
 PAPER_EXTRACT = ROOT / "configs" / "extract_paper_ava.yaml"
-RAYJOB_FILES = {"extract": "rayjob-extract.yaml", "distill": "rayjob-distill.yaml", "train_student": "rayjob-train.yaml"}
-#: Jobs whose module must exist today. train_student is being written: if its module is absent,
-#: only the entrypoint's form is checked.
-REQUIRED_JOBS = ("extract", "distill")
+RAYJOB_FILES = {"extract": "rayjob-extract.yaml", "distill": "rayjob-distill.yaml", "train_student": "rayjob-train.yaml",
+                "pipeline": "rayjob-pipeline.yaml"}
 SECRET_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
 
 
@@ -67,65 +65,28 @@ def cpu_quantity(value) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Job config keys, read from the job modules' dataclasses without importing them
+# Job entrypoints, checked with the jobs' own config classes
 # ---------------------------------------------------------------------------------------------
 
-@functools.cache
-def config_key_tree(module_file: Path) -> dict:
-    """{key: subtree or None} of the config dataclass that ``run_job(JOB, Cls, ...)`` receives."""
-    tree = ast.parse(module_file.read_text())
-    classes: dict[str, ast.ClassDef] = {}
-    root = None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef):
-            classes[node.name] = node
-        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_job" and len(node.args) >= 2
-                and isinstance(node.args[1], ast.Name)):
-            root = node.args[1].id
-    assert root, f"{module_file}: no run_job(JOB, ConfigClass, ...) call"
-
-    def fields(name: str) -> dict:
-        out = {}
-        for stmt in classes[name].body:
-            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                ann = stmt.annotation
-                nested = ann.id if isinstance(ann, ast.Name) and ann.id in classes else None
-                out[stmt.target.id] = fields(nested) if nested else None
-        return out
-
-    return fields(root)
-
-
-def key_problems(tree: dict, path: list[str], where: str) -> list[str]:
-    node = tree
-    for i, part in enumerate(path):
-        if not isinstance(node, dict) or part not in node:
-            return [f"{where}: unknown config key {'.'.join(path[:i + 1])!r}"]
-        node = node[part]
-    return []
-
-
-def config_file_problems(tree: dict, data: dict, where: str, prefix: tuple[str, ...] = ()) -> list[str]:
-    problems = []
-    for key, value in data.items():
-        path = [*prefix, key]
-        problems += key_problems(tree, path, where)
-        sub = tree
-        for part in path:
-            sub = sub.get(part) if isinstance(sub, dict) else None
-        if isinstance(sub, dict) and isinstance(value, dict):
-            problems += config_file_problems(tree, value, where, tuple(path))
-    return problems
+def config_class(job: str) -> type:
+    """The config dataclass that ``run_job(JOB, Cls, ...)`` receives in ray_jobs/<job>.py."""
+    module_file = ROOT / "ray_jobs" / f"{job}.py"
+    names = [node.args[1].id for node in ast.walk(ast.parse(module_file.read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_job"
+             and len(node.args) >= 2 and isinstance(node.args[1], ast.Name)]
+    assert len(names) == 1, f"{module_file}: no single run_job(JOB, ConfigClass, ...) call"
+    return getattr(importlib.import_module(f"ray_jobs.{job}"), names[0])
 
 
 def entrypoint_problems(entrypoint: str, where: str) -> list[str]:
-    """`python -m ray_jobs.<job> [--config FILE] [key=value ...]`: the module exists (or is
-    train_student, still being written), FILE exists, and every key is one the job knows."""
+    """`python -m ray_jobs.<job> [--config FILE] [key=value ...]`: the module exists, FILE exists,
+    and the job's config class accepts the result (for the pipeline, every stage section too)."""
+    from ray_jobs.config import ConfigError, load_config
+
     argv = shlex.split(entrypoint)
     if argv[:2] != ["python", "-m"] or len(argv) < 3 or not re.fullmatch(r"ray_jobs\.\w+", argv[2]):
         return [f"{where}: entrypoint {entrypoint!r} is not `python -m ray_jobs.<job> ...`"]
     job = argv[2].split(".", 1)[1]
-    module = ROOT / "ray_jobs" / f"{job}.py"
     problems, config, overrides, args = [], None, [], argv[3:]
     while args:
         arg = args.pop(0)
@@ -140,15 +101,19 @@ def entrypoint_problems(entrypoint: str, where: str) -> list[str]:
     for value in [config or ""] + [o.split("=", 1)[1] for o in overrides]:
         if value.startswith("configs/") and not (ROOT / value).is_file():
             problems.append(f"{where}: config file {value} does not exist")
-    if not module.is_file():
-        if job in REQUIRED_JOBS or job != "train_student":  # train_student: being written
-            problems.append(f"{where}: module ray_jobs/{job}.py does not exist")
+    if not (ROOT / "ray_jobs" / f"{job}.py").is_file():
+        problems.append(f"{where}: module ray_jobs/{job}.py does not exist")
+    if problems:
         return problems
-    tree = config_key_tree(module)
-    if config and (ROOT / config).is_file():
-        problems += config_file_problems(tree, yaml.safe_load((ROOT / config).read_text()) or {}, f"{where} ({config})")
-    for override in overrides:
-        problems += key_problems(tree, override.split("=", 1)[0].split("."), where)
+    try:
+        parsed = load_config(config_class(job), str(ROOT / config) if config else None, overrides)
+        if job == "pipeline":
+            from ray_jobs.pipeline import plan_experiments, stage_configs
+
+            stage_configs(parsed)
+            plan_experiments(parsed, "knowledge-0")
+    except ConfigError as exc:
+        problems.append(f"{where}: {exc}")
     return problems
 
 
@@ -403,7 +368,7 @@ def kuberay_problems(name: str, doc: dict, image: str, sa: str) -> list[str]:
 def test_kuberay_manifests_parse_and_hold_their_structure():
     docs = kuberay_docs()
     kinds = sorted(d["kind"] for _, d in docs)
-    assert kinds == ["RayCluster", "RayJob", "RayJob", "RayJob", "ServiceAccount"]
+    assert kinds == ["RayCluster", *["RayJob"] * len(RAYJOB_FILES), "ServiceAccount"]
     assert {n for n, d in docs if d["kind"] == "RayJob"} == set(RAYJOB_FILES.values())
     sa, role = service_account()
     assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", role), "the service account needs an IRSA role"
@@ -484,6 +449,9 @@ def test_entrypoint_checks_catch_breakage():
     assert entrypoint_problems("python -m ray_jobs.nope", "x")
     assert entrypoint_problems("python3 -m ray_jobs.extract", "x")
     assert entrypoint_problems("python -m ray_jobs.distill store=s3://b/s gsf_entry=k", "x") == []
+    assert entrypoint_problems("python -m ray_jobs.pipeline --config configs/paper_ava.yaml train.epocs=3", "x")
+    assert entrypoint_problems("python -m ray_jobs.pipeline --config configs/paper_ava.yaml extract.store=s3://b", "x")
+    assert entrypoint_problems("python -m ray_jobs.pipeline --config configs/paper_ava.yaml train.device=cuda", "x") == []
 
 
 def test_no_credentials_in_cluster_files():

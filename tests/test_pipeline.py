@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from featurestore.backends import Backend
 from ray_jobs.config import ConfigError, load_config
-from ray_jobs.pipeline import PipelineConfig, plan_experiments
+from ray_jobs.pipeline import PipelineConfig, plan_experiments, staged_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = {"backbone": "tf_efficientnet_lite0", "weights": "packaged", "view": "resize:64"}
@@ -127,3 +128,19 @@ def test_a_bad_config_fails_before_any_work(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: config key 'train.epochs'" in proc.stderr, proc.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "store").exists()
+
+
+def test_an_s3_report_starts_from_its_records_and_is_uploaded_even_after_an_error(s3_bucket):
+    location = f"s3://{s3_bucket}/experiments/report"
+    Backend(location).write_bytes("runs/kd-earlier.json", b'{"name": "kd-earlier"}')
+    with pytest.raises(RuntimeError, match="student failed"):
+        with staged_report(location) as stage:
+            assert json.loads((stage / "runs" / "kd-earlier.json").read_text()) == {"name": "kd-earlier"}
+            (stage / "runs" / "baseline-new.json").write_text('{"name": "baseline-new"}')
+            (stage / "report.md").write_text("# partial")
+            raise RuntimeError("a student failed hard")
+    uploaded = Backend(location)
+    assert sorted(o["path"] for o in uploaded.list("")) == ["report.md", "runs/baseline-new.json",
+                                                            "runs/kd-earlier.json"]
+    assert json.loads(uploaded.read_bytes("runs/baseline-new.json")) == {"name": "baseline-new"}
+    assert uploaded.read_bytes("runs/kd-earlier.json") == b'{"name": "kd-earlier"}'
