@@ -258,7 +258,8 @@ def run_experiment(cfg: PipelineConfig, experiment: Experiment, out: Path, posit
               "checkpoint": trained["checkpoint"],
               "metrics": scored["metrics"], "per_category": scored["per_category"], "n": scored["n"],
               "failed_images": scored["failed"], "history": trained["history"], "seconds": trained["seconds"],
-              "gt_mean": [float(r["gt_mean"]) for r in rows], "pred_mean": [float(r["pred_mean"]) for r in rows]}
+              "gt_mean": [float(r["gt_mean"]) for r in rows],
+              "pred_mean": [float(r.get("pred_mean", r.get("pred_prob"))) for r in rows]}  # binary: P(high)
     write_json(record_path, record)
     log(JOB, f"student {position} {name}: test {fmt_metrics(record['metrics'])} ({record['seconds']:.0f} s training)")
     return {**record, "reused": False}
