@@ -36,16 +36,16 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-
-from featurestore.backends import Backend, StoreError
 from safetensors.numpy import load as load_safetensors
 
+from featurestore.backends import Backend, StoreError
 from featurestore.datasets import DatasetError
 from featurestore.layout import STATUS_OK
 from featurestore.reader import EntryNotFound
@@ -54,7 +54,7 @@ from featurestore.store import FeatureStore
 from ray_jobs import distill, evaluate, extract, report, train_student
 from ray_jobs.config import ConfigError, as_dict, from_dict, option, run_job
 from ray_jobs.extract import DatasetConfig
-from ray_jobs.runtime import cluster_gpus, init_ray, is_local, log
+from ray_jobs.runtime import cluster_gpus, is_local, log
 from ray_jobs.train_student import LossConfig, StudentConfig
 from trainers.backbones import BackboneError
 from trainers.knowledge import KnowledgeError
@@ -205,7 +205,9 @@ def run(cfg: PipelineConfig, extract_cfg: extract.ExtractConfig, distill_cfg: di
     distilled = distill.main(replace(distill_cfg, gsf_entry=extracted["entry"]))
     log(JOB, f"knowledge entry {distilled['entry']}: {'reused, no refit' if distilled['reused'] else 'fitted'} "
              f"({distilled['seconds']:.0f} s); teacher test {fmt_metrics(distilled['test'])}")
-    teacher = teacher_model(cfg, out, extracted, distilled)
+    store = FeatureStore(cfg.store)
+    dataset = store.open(extracted["entry"]).read_document("dataset")  # large for AVA: read once
+    teacher = teacher_model(store.open(distilled["entry"]), dataset, out, extracted, distilled)
 
     experiments = plan_experiments(cfg, distilled["entry"])
     log(JOB, f"stage 3/3: {len(experiments)} student runs ({len(cfg.students)} students × "
@@ -221,7 +223,7 @@ def run(cfg: PipelineConfig, extract_cfg: extract.ExtractConfig, distill_cfg: di
             continue
         runs.append((experiment, record))
 
-    results = report_input(cfg, extracted, distilled, teacher, runs, failed)
+    results = report_input(cfg, dataset, extracted, distilled, teacher, experiments[0].config, runs, failed)
     written = report.write_report(results, out)
     for line in written["table"].splitlines():
         log(JOB, line)
@@ -286,14 +288,11 @@ def _evaluate(eval_cfg: evaluate.EvaluateConfig) -> tuple[dict, str]:
         return result, path.read_text()
 
 
-def teacher_model(cfg: PipelineConfig, out: Path, extracted: dict, distilled: dict) -> dict:
+def teacher_model(knowledge, dataset: dict, out: Path, extracted: dict, distilled: dict) -> dict:
     """The teacher's report row: the distiller on the trio's GSFs, at full resolution."""
     from trainers.cost import teacher_cost
 
-    store = FeatureStore(cfg.store)
-    knowledge = store.open(distilled["entry"])
     spec = knowledge.read_document("distiller")["spec"]
-    dataset = store.open(extracted["entry"]).read_document("dataset")
     test = np.flatnonzero(np.asarray(dataset["splits"]) == "test")
     height, width = median_size([dataset["uris"][i] for i in test[:SIZE_SAMPLE]] or dataset["uris"][:SIZE_SAMPLE])
     params, gflops = teacher_cost(spec["backbones"], height, width)
@@ -347,8 +346,8 @@ def median_size(uris: list[str]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def report_input(cfg: PipelineConfig, extracted: dict, distilled: dict, teacher: dict,
-                 runs: list[tuple[Experiment, dict]], failed: list[dict]) -> dict:
+def report_input(cfg: PipelineConfig, dataset: dict, extracted: dict, distilled: dict, teacher: dict,
+                 train: train_student.TrainConfig, runs: list[tuple[Experiment, dict]], failed: list[dict]) -> dict:
     """What ``ray_jobs.report`` renders: one teacher row, one row per student × loss over seeds."""
     models: dict[str, dict] = {}
     for experiment, record in runs:
@@ -366,9 +365,7 @@ def report_input(cfg: PipelineConfig, extracted: dict, distilled: dict, teacher:
             {"seed": experiment.config.seed, "seconds": record["seconds"], "reused": record["reused"],
              "metrics": record["metrics"], "gt_mean": record["gt_mean"], "pred_mean": record["pred_mean"],
              "per_category": record["per_category"], "history": record["history"]})
-    dataset = FeatureStore(cfg.store).open(extracted["entry"]).read_document("dataset")
     splits = list(dataset["splits"])
-    train = as_dict(plan_experiments(cfg, distilled["entry"])[0].config)
     notes = [f"Student run {f['name']} failed: {f['error']}" for f in failed]
     return {
         "title": f"Teacher vs students on {dataset.get('name', cfg.dataset.path)}",
@@ -378,8 +375,8 @@ def report_input(cfg: PipelineConfig, extracted: dict, distilled: dict, teacher:
             "store": cfg.store,
             "GSF entry": f"{extracted['entry']} ({'reused, 0 forward passes' if extracted['reused'] else 'computed'})",
             "knowledge entry": f"{distilled['entry']} ({'reused, no refit' if distilled['reused'] else 'fitted'})",
-            "students": f"{train['epochs']} epochs, batch {train['batch_size']} per worker, "
-                        f"{train['num_workers']} workers, Adam {train['lr']:g} ÷10 every {train['lr_step_epochs']} epochs",
+            "students": f"{train.epochs} epochs, batch {train.batch_size} per worker, {train.num_workers} workers, "
+                        f"Adam {train.lr:g} ÷10 every {train.lr_step_epochs} epochs",
             "seeds": ", ".join(map(str, cfg.seeds)),
         },
         "models": [teacher, *models.values()], "notes": notes,

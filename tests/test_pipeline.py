@@ -68,7 +68,7 @@ def test_second_run_with_other_experiments_reuses_features_and_knowledge(tmp_pat
     text = report.read_text()
     for png in ("scatter.png", "categories.png", "training_curves.png"):
         assert (report.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in text
-    rows = [line for line in first["table"].splitlines() if line.startswith("| Teacher") or line.startswith("| Student")]
+    rows = [line for line in first["table"].splitlines() if line.startswith(("| Teacher", "| Student"))]
     assert len(rows) == 2 and "kd" in rows[1]
     kd_run = first["students"][0]
     assert 0 <= kd_run["metrics"]["acc"] <= 1 and kd_run["metrics"]["emd"] > 0

@@ -3,12 +3,13 @@
 Models are built on PyTorch's meta device: shapes without weights or arithmetic. Counting the
 paper's trio at full resolution this way takes a second on a CPU driver and loads no weights.
 FLOPs follow the paper's convention, one multiply-add = one FLOP; ``FlopCounterMode`` counts two
-per multiply-add, so its totals are halved.
+per multiply-add, so its totals are halved. This gives ResNeXt101-32x8d 30.4 G at 300×300 and
+134.0 G at 640×640 (paper Table VII: 30.6, 134.7).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
