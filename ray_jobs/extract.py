@@ -78,24 +78,30 @@ def pick_shard_rows(rows: int, width: int, workers: int) -> int:
     return max(CHUNK_ROWS, min(by_size, by_parallelism))
 
 
+def load_manifest(cfg: ExtractConfig):
+    return load_dataset(cfg.dataset.path, cfg.dataset.format, name=cfg.dataset.name,
+                        test_fraction=cfg.dataset.test_fraction)
+
+
+def extractor_spec(cfg: ExtractConfig, backbones, compute_dtype: str) -> ExtractorSpec:
+    """What the entry key records about the extraction: backbone specs, input policy, precision."""
+    return ExtractorSpec(backbones=backbones, input_policy=input_policy(cfg.max_pixels), compute_dtype=compute_dtype)
+
+
 def resolve_entry(cfg: ExtractConfig, store: FeatureStore) -> str:
     """The key of the complete GSF entry this extraction config produced (CPU or GPU run)."""
-    manifest = load_dataset(cfg.dataset.path, cfg.dataset.format, name=cfg.dataset.name,
-                            test_fraction=cfg.dataset.test_fraction)
+    manifest = load_manifest(cfg)
     specs = build_extractor(list(cfg.backbones), cfg.weights, device="cpu").specs
     for dtype in ("float32", "bfloat16"):
-        extractor = ExtractorSpec(backbones=specs, input_policy=input_policy(cfg.max_pixels), compute_dtype=dtype)
-        key = gsf_entry_spec(manifest, extractor).key
-        if store.state(key) == "complete":
-            return key
+        if (done := store.find(gsf_entry_spec(manifest, extractor_spec(cfg, specs, dtype)))) is not None:
+            return done.key
     raise ConfigError(f"no complete GSF entry for this extraction config in {store.url}; run ray_jobs.extract first")
 
 
 def main(cfg: ExtractConfig) -> dict:
     expand_names(cfg.backbones)  # an unknown backbone fails before any slow step
     log(JOB, f"indexing dataset {cfg.dataset.path} ({cfg.dataset.format})")
-    manifest = load_dataset(cfg.dataset.path, cfg.dataset.format, name=cfg.dataset.name,
-                            test_fraction=cfg.dataset.test_fraction)
+    manifest = load_manifest(cfg)
     store = FeatureStore(cfg.store)
     log(JOB, f"loading backbones {', '.join(cfg.backbones)} (weights: {cfg.weights})")
     reference = build_extractor(list(cfg.backbones), cfg.weights, device="cpu")
@@ -110,16 +116,15 @@ def main(cfg: ExtractConfig) -> dict:
     if cfg.device == "cuda" and not gpus:
         raise ConfigError("device=cuda but the Ray cluster has no GPUs")
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
-    extractor = ExtractorSpec(backbones=reference.specs, input_policy=input_policy(cfg.max_pixels),
-                              compute_dtype="bfloat16" if use_gpu else "float32")
+    extractor = extractor_spec(cfg, reference.specs, "bfloat16" if use_gpu else "float32")
     del reference
     spec = gsf_entry_spec(manifest, extractor)
     columns = {name: list(cols) for name, cols in extractor.column_ranges().items()}
     result = {"entry": spec.key, "store": store.url, "rows": len(manifest), "width": extractor.width,
               "columns": columns}
 
-    if store.state(spec.key) == "complete":
-        done = store.open(spec.key).manifest
+    if (entry := store.find(spec)) is not None:
+        done = entry.manifest
         log(JOB, f"entry {spec.key} is complete: reusing it, 0 forward passes")
         return {**result, "ok": done["ok"], "failed": done["failed"], "computed_rows": 0,
                 "reused_rows": len(manifest), "forward_passes": 0, "reused": True, "seconds": 0.0}

@@ -58,7 +58,6 @@ class ShardResult:
     failed: int
     forward_passes: int
     seconds: float
-    skipped: bool = False  # the shard was already committed (e.g. by an earlier attempt)
 
 
 def input_policy(max_pixels: int) -> str:
@@ -98,7 +97,7 @@ class ShardExtractor:
     def run(self, task: ShardTask) -> ShardResult:
         started = time.perf_counter()
         if self.writer.is_committed(task.shard):
-            return ShardResult(task.shard, len(task.uris), 0, 0, 0, 0.0, skipped=True)
+            return ShardResult(task.shard, len(task.uris), 0, 0, 0, 0.0)  # an earlier attempt wrote it
         forwards_before = self.forward_passes
         failures: dict[int, str] = {}
         encoded = self._read(task, failures)

@@ -26,8 +26,8 @@ from featurestore.layout import STATUS_FAILED, STATUS_OK, ArraySpec, EntryLayout
 from featurestore.reader import EntryReader
 from featurestore.specs import EntrySpec
 from featurestore.store import FeatureStore
-from trainers.distiller import (DistillerSpec, evaluate_label, fit, in_memory_batches, infer, matching_scores,
-                                targets_for)
+from trainers.distiller import (DistillerSpec, dataset_targets, evaluate_label, fit, in_memory_batches, infer,
+                                matching_scores)
 from trainers.metrics import evaluate_scores, mean_score, per_category
 
 
@@ -72,18 +72,16 @@ def distill(store: FeatureStore, parent_key: str, spec: DistillerSpec, device: t
         raise KnowledgeError(f"entry {parent_key} is a {parent.spec.kind!r} entry, not a GSF entry")
     spec = normalise_spec(parent, spec)
     entry = knowledge_spec(parent, spec)
-    if store.state(entry.key) == "complete":
-        metrics = store.open(entry.key).read_document("metrics")
+    if (done := store.find(entry)) is not None:
+        metrics = done.read_document("metrics")
         log(f"knowledge entry {entry.key} is complete: reusing it, no refit")
         return {"entry": entry.key, "parent": parent_key, "reused": True, "test": metrics["test"],
                 "train_rows": metrics["train_rows"], "test_rows": metrics["test_rows"], "seconds": 0.0}
 
     started = time.perf_counter()
     dataset = parent.read_document("dataset")
-    votes = None if dataset.get("votes") is None else np.asarray(dataset["votes"], np.float32)
-    scores = None if dataset.get("mean_scores") is None else np.asarray(dataset["mean_scores"], np.float32)
     try:
-        targets = targets_for(spec.label, votes, scores)
+        targets = dataset_targets(spec.label, dataset)
     except ValueError as exc:
         raise KnowledgeError(f"dataset of entry {parent_key}: {exc}") from None
     splits = np.asarray(dataset["splits"])

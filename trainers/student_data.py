@@ -30,7 +30,7 @@ from featurestore.layout import STATUS_OK
 from featurestore.partition import World, plan_for
 from featurestore.reader import EntryReader
 from featurestore.store import FeatureStore
-from trainers.distiller import targets_for
+from trainers.distiller import dataset_targets
 from trainers.images import ImageDecoder
 
 READ_THREADS = 8
@@ -63,9 +63,7 @@ def split_rows(knowledge: EntryReader, dataset: dict, split: str, label: str) ->
     splits = np.asarray(dataset["splits"])
     ok = knowledge.status() == STATUS_OK
     rows = np.flatnonzero(ok & ((splits == split) if split != "all" else True))
-    votes = None if dataset.get("votes") is None else np.asarray(dataset["votes"], np.float32)
-    scores = None if dataset.get("mean_scores") is None else np.asarray(dataset["mean_scores"], np.float32)
-    targets = targets_for(label, votes, scores)
+    targets = dataset_targets(label, dataset)
     return SplitRows(rows, tuple(dataset["uris"][r] for r in rows), targets[rows])
 
 

@@ -83,12 +83,20 @@ def _sum(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
-def _gather(obj):
+def _gather_rows(array: np.ndarray, device: torch.device) -> np.ndarray:
+    """Every rank's rows of ``array``, concatenated in rank order. Tensors, not
+    ``all_gather_object``: ranks may hold different row counts, and nothing gets pickled."""
     if not _distributed():
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
+        return array
+    local = torch.as_tensor(array).to(device)
+    count = torch.tensor([local.shape[0]], device=device)
+    counts = [torch.zeros_like(count) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(counts, count)
+    padded = local.new_zeros((int(max(counts).item()), *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.zeros_like(padded) for _ in counts]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:int(n.item())] for part, n in zip(parts, counts)]).cpu().numpy()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -178,11 +186,8 @@ def validate(model, stream: StudentStream, label: str, device: torch.device) -> 
         rows.append(batch.rows[keep])
         preds.append(pred[keep])
         gts.append(batch.gt.numpy()[keep])
-    gathered = [g for g in _gather((rows, preds, gts)) if g[0]]
-    if not gathered:
+    if not rows:  # an empty test split: every rank has zero steps (equal steps per rank)
         return {}
-    all_rows = np.concatenate([r for g in gathered for r in g[0]])
-    pred = np.concatenate([p for g in gathered for p in g[1]])
-    gt = np.concatenate([t for g in gathered for t in g[2]])
+    all_rows, pred, gt = (_gather_rows(np.concatenate(parts), device) for parts in (rows, preds, gts))
     assert len(np.unique(all_rows)) == len(all_rows), "a test row was predicted twice"
     return {k: v for k, v in evaluate_label(label, pred, gt).items() if v is not None}
