@@ -110,8 +110,13 @@ class EntryWriter:
         self._arrays = self._create_arrays(record)
 
     def _create_arrays(self, record: Mapping[str, Any]) -> dict[str, zarr.Array]:
-        group = zarr.open_group(self.backend.zarr_store, path=self.key, mode="a",
-                                attributes={"featurestore": record})
+        try:
+            group = zarr.open_group(self.backend.zarr_store, path=self.key, mode="a",
+                                    attributes={"featurestore": record})
+        except zarr.errors.ContainsGroupError:
+            # open-or-create is check-then-put: a racing writer created the group in between. Its
+            # metadata is the same pure function of the record, so open what it wrote.
+            group = zarr.open_group(self.backend.zarr_store, path=self.key, mode="r+")
         arrays = {}
         for spec in self.layout.all_arrays:
             chunk = (self.layout.chunk_rows, spec.width) if spec.width else (self.layout.chunk_rows,)
