@@ -30,13 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from featurestore.dataset_table import DatasetTable  # noqa: E402
 from featurestore.datasets import load_dataset  # noqa: E402
-from featurestore.layout import ArraySpec, EntryLayout  # noqa: E402
 from featurestore.partition import World  # noqa: E402
-from featurestore.specs import EntrySpec  # noqa: E402
+from featurestore.specs import BackboneSpec, ExtractorSpec  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
+from featurestore.views import GsfView, import_features  # noqa: E402
 from trainers.distiller import DistillerSpec, prediction  # noqa: E402
-from trainers.knowledge import distill  # noqa: E402
+from trainers.knowledge import distill, knowledge_hashes  # noqa: E402
 from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss  # noqa: E402
 from trainers.student import StudentSpec, build_student, decoder_for, view_size  # noqa: E402
 from trainers.student_data import StudentBatch, StudentStream, split_rows  # noqa: E402
@@ -46,19 +47,13 @@ def knowledge_store(tmp: Path, n: int) -> tuple[str, str]:
     data = tmp / "data"
     subprocess.run([sys.executable, "-m", "ray_jobs.make_demo_data", "--out", str(data), "--n", str(n)],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    manifest = load_dataset(str(data), "ava")
+    table = DatasetTable.from_manifest(load_dataset(str(data), "ava"))
     store = FeatureStore(str(tmp / "store"))
-    layout = EntryLayout(rows=n, shard_rows=64, chunk_rows=32, arrays=(ArraySpec("gsf", 64, "float16"),))
-    writer = store.create(EntrySpec("gsf", {"dataset": manifest.digest(), "bench": True}), layout,
-                          attrs={"columns": {"random": [0, 64]}})
-    writer.write_document("dataset", manifest.to_json())
-    rng = np.random.default_rng(0)
-    for shard in writer.missing_shards():
-        start, stop = layout.shard_range(shard)
-        writer.write_shard(shard, {"gsf": rng.random((stop - start, 64)).astype(np.float16)})
-    writer.finalize()
+    extractor = ExtractorSpec(backbones=(BackboneSpec("random", "random:0", ("stem",), 64),))
+    gsf = np.random.default_rng(0).random((n, 64)).astype(np.float16)
+    view = import_features(store, extractor, table, gsf, shard_rows=64)
     spec = DistillerSpec(backbones=("random",), hidden=(256, 512), epochs=1, batch_size=64)
-    return store.url, distill(store, writer.key, spec, torch.device("cpu"))["entry"]
+    return store.url, distill(store, view.key, spec, torch.device("cpu"))["entry"]
 
 
 def train_steps(model, optimizer, batches, loss: LossSpec) -> tuple[int, float]:
@@ -88,8 +83,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store_url, key = knowledge_store(Path(tmp), args.n)
         knowledge = FeatureStore(store_url).open(key)
-        dataset = FeatureStore(store_url).open(knowledge.spec.parent).read_document("dataset")
-        data = split_rows(knowledge, dataset, "all", "distribution")
+        dataset = GsfView(FeatureStore(store_url), knowledge.attrs["view"]).dataset()
+        data = split_rows(dataset, knowledge_hashes(knowledge), "all", "distribution")
         spec = StudentSpec(backbone=args.backbone, weights=args.weights, feature_width=512, view=args.view)
         stream = StudentStream(store_url, key, data, "distribution", World(), args.batch_size,
                                decoder_for(spec, torch.device("cpu")), view_size(spec.view), seed=0,

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import obstore
 
+from .features import SEGMENT_KIND, unregister_segment
 from .layout import (STATUS_ARRAY, STATUS_FAILED, STATUS_OK, commit_path, entry_path, manifest_path,
                      shard_object_path)
 from .reader import EntryReader
@@ -27,6 +28,7 @@ class EntryInfo:
     complete: bool
     parent: str | None
     last_modified: float
+    uses: tuple[str, ...] = ()  # further entries it reads (a view's segments), kept with it by gc
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -47,7 +49,8 @@ def entry_info(store: FeatureStore, key: str) -> EntryInfo:
     return EntryInfo(key=key, kind=record["spec"]["kind"], summary=_summary(record),
                      rows=record["layout"]["rows"], stored_bytes=sum(o["size"] for o in objects),
                      complete=any(o["path"] == manifest_path(key) for o in objects),
-                     parent=record["spec"].get("parent"), last_modified=last)
+                     parent=record["spec"].get("parent"), last_modified=last,
+                     uses=tuple(record.get("attrs", {}).get("uses", ())))
 
 
 def list_entries(store: FeatureStore) -> list[EntryInfo]:
@@ -153,17 +156,22 @@ class GcAction:
 def plan_gc(store: FeatureStore, older_than_s: float, keep: set[str] | None = None,
             now: float | None = None) -> list[GcAction]:
     """Entries to remove: incomplete ones idle for longer than ``older_than_s``; and, when ``keep``
-    is given, complete ones that are neither in ``keep`` nor an ancestor of a kept entry."""
+    is given, complete ones that are neither in ``keep`` nor reached from a kept entry through
+    parents and ``uses`` (a view's feature segments, a knowledge entry's view segments)."""
     now = time.time() if now is None else now
     infos = {i.key: i for i in list_entries(store)}
     actions = [GcAction(i.key, f"incomplete, idle for {(now - i.last_modified) / 3600:.1f} h", i.stored_bytes)
                for i in infos.values() if not i.complete and now - i.last_modified > older_than_s]
     if keep is not None:
         referenced: set[str] = set()
-        for key in keep:
-            while key is not None and key not in referenced:
-                referenced.add(key)
-                key = infos[key].parent if key in infos else None
+        todo = list(keep)
+        while todo:
+            key = todo.pop()
+            if key in referenced:
+                continue
+            referenced.add(key)
+            if key in infos:
+                todo += [k for k in (infos[key].parent, *infos[key].uses) if k is not None]
         actions += [GcAction(i.key, "complete, not referenced by a kept entry", i.stored_bytes)
                     for i in infos.values() if i.complete and i.key not in referenced]
     return actions
@@ -174,6 +182,9 @@ def run_gc(store: FeatureStore, actions: list[GcAction]) -> int:
     entry as complete. Returns the number of objects removed."""
     removed = 0
     for action in actions:
+        reader = store.open(action.key, require_complete=False)
+        if reader.spec.kind == SEGMENT_KIND:  # out of its feature table first: no extraction reuses it
+            unregister_segment(store, reader)
         if store.backend.exists(manifest_path(action.key)):
             obstore.delete(store.backend.objects, manifest_path(action.key))
             removed += 1

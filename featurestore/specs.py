@@ -4,9 +4,9 @@ An entry's key is a hash of the canonical JSON of everything that determines its
 spec ⇒ same key ⇒ the entry is found and reused; any change ⇒ a new key. Specs are frozen
 dataclasses so a key can never drift from the spec that produced it.
 
-Source URIs are deliberately *not* part of a dataset's identity: features depend on image bytes
-(their SHA-256), not on where the bytes live, so moving a dataset from a laptop to S3 keeps
-every cached entry valid.
+Features are keyed by image content and extractor alone (features.py): a dataset's labels,
+splits, names, URIs and row order never enter a GSF key. A dataset's own identity
+(:meth:`DatasetManifest.digest`) leaves out its URIs, so a moved copy is the same dataset.
 """
 
 from __future__ import annotations
@@ -220,8 +220,3 @@ class EntrySpec:
             raise SpecError(f"entry spec says key {data['key']!r} but hashes to {spec.key!r}")
         return spec
 
-
-def gsf_entry_spec(manifest: DatasetManifest, extractor: ExtractorSpec) -> EntrySpec:
-    """Spec of a GSF entry: the dataset's identity digest plus the full extractor spec."""
-    return EntrySpec(kind="gsf", identity={"dataset": manifest.digest(), "rows": len(manifest),
-                                           "extractor": extractor.to_json()})

@@ -2,25 +2,33 @@
 
     python -m ray_jobs.distill --config configs/distill_demo.yaml [key=value ...]
 
-``gsf_entry`` is a GSF entry key, or the path of the extraction config that produced it. Any
-subset of that entry's backbones can be chosen by name (their recorded column ranges), so the
-ablations of Tables I–III need no re-extraction. A knowledge entry with the same parent and
-distiller spec (including seed) is reused without refitting. The fit runs in this process, or
-on one GPU worker when the Ray cluster has GPUs and this driver has none. Last stdout line: JSON
-with entry, parent, reused, test (srcc, plcc, acc, emd), train_rows, test_rows, seconds.
+``gsf_entry`` is the GSF entry that ``ray_jobs.extract`` reported, or the path of the extraction
+config that produced it. ``dataset.path`` / ``dataset.format`` name the labelled dataset to fit
+on (default: the one recorded at extraction; a moved or relabelled copy joins the features by
+image hash) and ``dataset.split`` the split (``official``, ``file:PATH``, ``cv:K:FOLD[:SEED]``,
+``random:FRACTION:SEED``). Any subset of the entry's backbones can be chosen by name, so the
+ablations of Tables I–III need no re-extraction. Knowledge with the same features, labels,
+split and distiller spec (including seed) is reused without refitting. The fit runs in this
+process, or on one GPU worker when the Ray cluster has GPUs and this driver has none. Last
+stdout line: JSON with entry, gsf_entry, reused, test (srcc, plcc, acc, emd), train_rows,
+test_rows, rows_without_features, seconds.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from featurestore.backends import StoreError
+from featurestore.datasets import DatasetError
+from featurestore.sources import SourceError
+from featurestore.splits import SplitError
 from featurestore.reader import EntryNotFound
 from featurestore.store import FeatureStore
 from ray_jobs.config import ConfigError, load_config, option, run_job
+from ray_jobs.dataset_input import DatasetConfig, load_table
 from ray_jobs.runtime import cluster_gpus, init_ray, is_local, log
 from trainers.distiller import LABELS, DistillerSpec
 from trainers.knowledge import KnowledgeError, distill
@@ -32,6 +40,7 @@ JOB = "distill"
 class DistillConfig:
     store: str = option(help="feature store URL (local directory or s3://bucket/prefix)")
     gsf_entry: str = option(help="GSF entry key, or the path of the extraction config that made it")
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
     backbones: tuple[str, ...] = option((), help="subset of the entry's backbones; empty = all")
     label: str = option("distribution", help=f"one of {', '.join(LABELS)}")
     seed: int = option(0, help="initialisation and shuffling seed (part of the knowledge key)")
@@ -63,25 +72,28 @@ def resolve_gsf_entry(cfg: DistillConfig, store: FeatureStore) -> str:
     return resolve_entry(load_config(ExtractConfig, cfg.gsf_entry, [f"store={cfg.store}"]), store)
 
 
-def run(store_url: str, parent: str, spec: DistillerSpec, matching: bool) -> dict:
+def run(store_url: str, gsf_entry: str, spec: DistillerSpec, dataset: DatasetConfig, matching: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return distill(FeatureStore(store_url), parent, spec, device, matching, log=lambda m: log(JOB, m))
+    table = load_table(dataset) if dataset.path else None
+    return distill(FeatureStore(store_url), gsf_entry, spec, device, table, dataset.split_spec(), matching,
+                   log=lambda m: log(JOB, m))
 
 
 def main(cfg: DistillConfig) -> dict:
     store = FeatureStore(cfg.store)
-    parent = resolve_gsf_entry(cfg, store)
-    log(JOB, f"GSF entry {parent}")
+    gsf_entry = resolve_gsf_entry(cfg, store)
+    log(JOB, f"GSF entry {gsf_entry}, split {cfg.dataset.split}")
     if is_local(cfg.ray_address):
-        return run(store.url, parent, cfg.spec(), cfg.matching)
+        return run(store.url, gsf_entry, cfg.spec(), cfg.dataset, cfg.matching)
     init_ray(cfg.ray_address)
     if torch.cuda.is_available() or not cluster_gpus():
-        return run(store.url, parent, cfg.spec(), cfg.matching)
+        return run(store.url, gsf_entry, cfg.spec(), cfg.dataset, cfg.matching)
     import ray
 
     task = ray.remote(num_gpus=1)(run)
-    return ray.get(task.remote(store.url, parent, cfg.spec(), cfg.matching))
+    return ray.get(task.remote(store.url, gsf_entry, cfg.spec(), cfg.dataset, cfg.matching))
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(JOB, DistillConfig, main, user_errors=(KnowledgeError, StoreError, EntryNotFound)))
+    sys.exit(run_job(JOB, DistillConfig, main, user_errors=(KnowledgeError, StoreError, EntryNotFound, DatasetError,
+                                                            SplitError, SourceError)))

@@ -22,16 +22,21 @@ from __future__ import annotations
 
 import csv
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from featurestore.datasets import DatasetError, load_dataset
+from featurestore.backends import StoreError
+from featurestore.dataset_table import DatasetTable
+from featurestore.datasets import DatasetError
+from featurestore.reader import EntryNotFound
 from featurestore.sources import SourceError
+from featurestore.splits import SplitError
+from featurestore.store import FeatureStore
 from ray_jobs.config import ConfigError, option, run_job
-from ray_jobs.extract import DatasetConfig
+from ray_jobs.dataset_input import DatasetConfig, knowledge_table, load_table
 from ray_jobs.runtime import Progress, log
 from trainers.backbones import BackboneError
 from trainers.distiller import NUM_BINS, evaluate_label, targets_for
@@ -52,7 +57,9 @@ def checkpoint_name(checkpoint: str) -> str:
 @dataclass(frozen=True)
 class EvaluateConfig:
     checkpoint: str = option(help="student checkpoint: directory or s3:// prefix with model.safetensors, student.json")
-    dataset: DatasetConfig
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    store: str | None = option(None, help="feature store of the student's knowledge entry: without dataset.path, "
+                                          "the dataset and split recorded there are used")
     split: str = option("test", help=f"one of {', '.join(SPLITS)}")
     batch_size: int = option(32, help="images per forward pass")
     output: str | None = option(None, help="per-image CSV (local); default <checkpoint-name>-<split>-predictions.csv")
@@ -64,6 +71,9 @@ class EvaluateConfig:
             raise ConfigError("batch_size must be ≥ 1")
         if self.output is not None and self.output.startswith("s3://"):
             raise ConfigError("output must be a local path; copy the CSV to S3 afterwards")
+        if self.dataset.path is None and self.store is None:
+            raise ConfigError("give dataset.path (the labelled images), or store (to use the dataset recorded "
+                              "with the student's knowledge entry)")
 
 
 def labelled_rows(manifest, split: str) -> np.ndarray:
@@ -124,12 +134,20 @@ def log_categories(table: list[dict]) -> None:
 
 
 def main(cfg: EvaluateConfig) -> dict:
-    model, spec, _ = load_student(cfg.checkpoint)
+    model, spec, extra = load_student(cfg.checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     log(JOB, f"student {spec.backbone} ({spec.label}, view {spec.view}) on {device}")
-    manifest = load_dataset(cfg.dataset.path, cfg.dataset.format, name=cfg.dataset.name,
-                            test_fraction=cfg.dataset.test_fraction)
+    if cfg.store is not None and extra.get("knowledge_entry"):
+        store = FeatureStore(cfg.store, create=False)
+        manifest = knowledge_table(cfg.dataset, store, store.open(extra["knowledge_entry"]))
+    else:
+        manifest = load_table(cfg.dataset).resplit(cfg.dataset.split_spec())
+    return score_table(cfg, model, spec, manifest)
+
+
+def score_table(cfg: EvaluateConfig, model, spec, manifest: DatasetTable) -> dict:
+    """Score ``cfg.split`` of ``manifest`` (already split) and write the per-image CSV."""
     rows = labelled_rows(manifest, cfg.split)
     progress = Progress(JOB, len(rows), unit="images")
     scores = score_images(model, [manifest.uris[i] for i in rows], cfg.batch_size, progress.add)
@@ -156,4 +174,4 @@ def main(cfg: EvaluateConfig) -> dict:
 
 if __name__ == "__main__":
     sys.exit(run_job(JOB, EvaluateConfig, main, user_errors=(
-        StudentError, WeightsError, BackboneError, DatasetError, SourceError)))
+        StudentError, WeightsError, BackboneError, DatasetError, SourceError, SplitError, StoreError, EntryNotFound)))

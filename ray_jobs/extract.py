@@ -3,12 +3,18 @@
     python -m ray_jobs.extract --config configs/demo.yaml [key=value ...]
     ray job submit --working-dir . -- python -m ray_jobs.extract --config FILE [key=value ...]
 
-The entry key is a hash of the dataset (image bytes, labels, splits) and the extractor (backbones,
-weight digests, input policy, precision). If that entry is complete, the job does no forward
-pass at all. Otherwise it computes only the shards that are not committed yet. The work unit is
-one store shard, handed to a pool of backbone actors by Ray Data (one GPU each when the cluster
-has GPUs). The last stdout line is a JSON object: entry, rows, ok, failed, computed_rows,
-reused_rows, forward_passes, reused, seconds (shard_seconds: the actors' time inside shards).
+Features belong to images: a GSF row is keyed by the SHA-256 of the image bytes and the
+extractor (backbones, weight digests, input policy, precision), never by labels, splits, names
+or URIs. The job computes only the images the extractor's feature table lacks, as one new
+segment (featurestore/features.py), then writes this dataset's view of the table: the ``gsf``
+entry named in the result, which ``ray_jobs.distill`` takes as ``gsf_entry``. A re-split, a
+relabel or a moved dataset costs no forward pass; a dataset that gains k images costs k.
+
+The work unit is one segment shard, handed to a pool of backbone actors by Ray Data (one GPU
+each when the cluster has GPUs). The last stdout line is a JSON object: entry, segment (the new
+segment or null), rows, ok, failed, computed_rows (images computed by this run), reused_rows
+(dataset rows whose features were already stored), forward_passes, reused, seconds
+(shard_seconds: the actors' time inside shards).
 """
 
 from __future__ import annotations
@@ -16,17 +22,25 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from featurestore.backends import StoreError
-from featurestore.datasets import FORMATS, DatasetError, load_dataset
+from featurestore.dataset_table import hashes_to_hex
+from featurestore.datasets import DatasetError
+from featurestore.features import (GSF_ARRAY, HASH_ARRAY, FeatureIndex, register_segment, segment_spec,
+                                   segment_uris, table_segments)
 from featurestore.layout import ArraySpec, EntryLayout, default_shard_rows
 from featurestore.sources import SourceError
-from featurestore.specs import ExtractorSpec, gsf_entry_spec
+from featurestore.splits import SplitError
+from featurestore.specs import ExtractorSpec
 from featurestore.store import FeatureStore
+from featurestore.views import view_spec, write_view
 from ray_jobs.config import ConfigError, option, run_job
+from ray_jobs.dataset_input import DatasetConfig, load_table
 from ray_jobs.runtime import Progress, cluster_gpus, init_ray, is_local, log
-from trainers.backbones import BackboneError, build_extractor, expand_names
+from trainers.backbones import BackboneError, backbone_specs, expand_names
 from trainers.extraction import SpecMismatch, ShardActor, input_policy
 from trainers.weights import WeightsError
 
@@ -35,20 +49,8 @@ CHUNK_ROWS = 32
 
 
 @dataclass(frozen=True)
-class DatasetConfig:
-    path: str = option(help="dataset root (local dir or s3://bucket/prefix), or the CSV file for format=csv")
-    format: str = option("ava", help=f"one of {', '.join(FORMATS)}")
-    name: str | None = option(None, help="dataset name (part of its identity); default from the format")
-    test_fraction: float | None = option(None, help="hash-based test split for data without one")
-
-    def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ConfigError(f"dataset.format {self.format!r} is not one of {FORMATS}")
-
-
-@dataclass(frozen=True)
 class ExtractConfig:
-    dataset: DatasetConfig
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
     store: str = option("./store", help="feature store: local directory or s3://bucket/prefix")
     backbones: tuple[str, ...] = option(("lite_trio",), help="timm names, aliases or groups (paper_trio, lite_trio)")
     weights: str | dict[str, str] = option(
@@ -69,6 +71,8 @@ class ExtractConfig:
             raise ConfigError("workers, batch_size and max_pixels must be ≥ 1 and shard_rows ≥ 0")
         if self.shard_rows % CHUNK_ROWS:
             raise ConfigError(f"shard_rows must be a multiple of {CHUNK_ROWS}")
+        if self.dataset.path is None:
+            raise ConfigError("dataset.path is required: the dataset to extract features of")
 
 
 def pick_shard_rows(rows: int, width: int, workers: int) -> int:
@@ -78,22 +82,18 @@ def pick_shard_rows(rows: int, width: int, workers: int) -> int:
     return max(CHUNK_ROWS, min(by_size, by_parallelism))
 
 
-def load_manifest(cfg: ExtractConfig):
-    return load_dataset(cfg.dataset.path, cfg.dataset.format, name=cfg.dataset.name,
-                        test_fraction=cfg.dataset.test_fraction)
-
-
-def extractor_spec(cfg: ExtractConfig, backbones, compute_dtype: str) -> ExtractorSpec:
-    """What the entry key records about the extraction: backbone specs, input policy, precision."""
+def extractor_spec(cfg: ExtractConfig, compute_dtype: str) -> ExtractorSpec:
+    """What features are keyed by: backbone specs (weight digests from the cache, no model
+    loaded on the driver), input policy, precision."""
+    backbones = backbone_specs(list(cfg.backbones), cfg.weights)
     return ExtractorSpec(backbones=backbones, input_policy=input_policy(cfg.max_pixels), compute_dtype=compute_dtype)
 
 
 def resolve_entry(cfg: ExtractConfig, store: FeatureStore) -> str:
-    """The key of the complete GSF entry this extraction config produced (CPU or GPU run)."""
-    manifest = load_manifest(cfg)
-    specs = build_extractor(list(cfg.backbones), cfg.weights, device="cpu").specs
+    """The key of the complete view this extraction config produced (CPU or GPU run)."""
+    table = load_table(cfg.dataset)
     for dtype in ("float32", "bfloat16"):
-        if (done := store.find(gsf_entry_spec(manifest, extractor_spec(cfg, specs, dtype)))) is not None:
+        if (done := store.find(view_spec(extractor_spec(cfg, dtype), table))) is not None:
             return done.key
     raise ConfigError(f"no complete GSF entry for this extraction config in {store.url}; run ray_jobs.extract first")
 
@@ -101,10 +101,8 @@ def resolve_entry(cfg: ExtractConfig, store: FeatureStore) -> str:
 def main(cfg: ExtractConfig) -> dict:
     expand_names(cfg.backbones)  # an unknown backbone fails before any slow step
     log(JOB, f"indexing dataset {cfg.dataset.path} ({cfg.dataset.format})")
-    manifest = load_manifest(cfg)
+    table = load_table(cfg.dataset)
     store = FeatureStore(cfg.store)
-    log(JOB, f"loading backbones {', '.join(cfg.backbones)} (weights: {cfg.weights})")
-    reference = build_extractor(list(cfg.backbones), cfg.weights, device="cpu")
     # A local run's GPUs are this machine's: decide without starting Ray, so a reused entry is instant.
     if is_local(cfg.ray_address):
         import torch
@@ -116,53 +114,69 @@ def main(cfg: ExtractConfig) -> dict:
     if cfg.device == "cuda" and not gpus:
         raise ConfigError("device=cuda but the Ray cluster has no GPUs")
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
-    extractor = extractor_spec(cfg, reference.specs, "bfloat16" if use_gpu else "float32")
-    del reference
-    spec = gsf_entry_spec(manifest, extractor)
+    extractor = extractor_spec(cfg, "bfloat16" if use_gpu else "float32")
     columns = {name: list(cols) for name, cols in extractor.column_ranges().items()}
-    result = {"entry": spec.key, "store": store.url, "rows": len(manifest), "width": extractor.width,
-              "columns": columns}
+    summary = f"GSF {'+'.join(b.name for b in extractor.backbones)} ({extractor.width}-d), {table.name}"
+    result = {"entry": view_spec(extractor, table).key, "store": store.url, "rows": len(table),
+              "width": extractor.width, "columns": columns}
 
-    if (entry := store.find(spec)) is not None:
-        done = entry.manifest
-        log(JOB, f"entry {spec.key} is complete: reusing it, 0 forward passes")
-        return {**result, "ok": done["ok"], "failed": done["failed"], "computed_rows": 0,
-                "reused_rows": len(manifest), "forward_passes": 0, "reused": True, "seconds": 0.0}
+    index = FeatureIndex.build(store, table_segments(store, extractor))
+    todo = index.missing(table.sha256)
+    segment, forward_passes, shard_seconds, failures = None, 0, 0.0, {}
+    computed = np.zeros(0, todo.dtype)  # the images this run computes
+    progress = Progress(JOB, 0, unit="images")
+    if len(todo):
+        spec = segment_spec(extractor, todo)
+        segment = spec.key
+        if (done := store.find(spec)) is None:
+            log(JOB, f"{len(todo)} of {len(table)} images lack features under this extractor: segment {spec.key}")
+            shard_rows = cfg.shard_rows or pick_shard_rows(len(todo), extractor.width, cfg.workers)
+            layout = EntryLayout(rows=len(todo), shard_rows=shard_rows, chunk_rows=CHUNK_ROWS,
+                                 arrays=(ArraySpec(GSF_ARRAY, extractor.width, "float16"), ArraySpec(HASH_ARRAY, 32, "uint8")))
+            writer = store.create(spec, layout, attrs={"summary": f"{summary}: {len(todo)} images", "columns": columns})
+            missing = writer.missing_shards()
+            computed = np.concatenate([todo[slice(*layout.shard_range(shard))] for shard in missing] or [computed])
+            computed_rows = len(computed)
+            log(JOB, f"segment {spec.key}: {len(missing)} of {layout.num_shards} shards to compute ({computed_rows} images)")
+            init_ray(cfg.ray_address, cfg.num_cpus)
+            progress = Progress(JOB, computed_rows, unit="images")
+            if missing:
+                uris = segment_uris(todo, table.sha256, table.uris)
+                forward_passes, shard_seconds = run_shards(cfg, store.url, spec, layout, todo, uris, missing,
+                                                           use_gpu, progress)
+            writer.finalize({"summary": summary})
+            done = store.open(spec.key)
+        else:
+            log(JOB, f"segment {spec.key} of the {len(todo)} images without features is complete: reusing it")
+        register_segment(store, extractor, done)
+        hashes = hashes_to_hex(todo)
+        failures = {hashes[r]: reason for r, reason in done.failures().items()}
+        index = FeatureIndex.build(store, table_segments(store, extractor))
+    else:
+        log(JOB, f"all {len(table)} images have features under this extractor: reusing them, 0 forward passes")
+    view = write_view(store, extractor, table, index, failures, attrs={"summary": summary})
+    final = view.manifest
+    computed_rows = len(computed)
+    log(JOB, f"entry {view.key} complete: {final['ok']} ok, {final['failed']} failed in {progress.seconds:.1f} s")
+    return {**result, "segment": segment, "ok": final["ok"], "failed": final["failed"],
+            "computed_rows": computed_rows, "reused_rows": len(table) - int(np.isin(table.sha256, computed).sum()),
+            "forward_passes": forward_passes, "reused": computed_rows == 0,
+            "seconds": round(progress.seconds, 3) if computed_rows else 0.0, "shard_seconds": round(shard_seconds, 3),
+            "images_per_s": round(computed_rows / max(progress.seconds, 1e-9), 2)}
 
-    shard_rows = cfg.shard_rows or pick_shard_rows(len(manifest), extractor.width, cfg.workers)
-    layout = EntryLayout(rows=len(manifest), shard_rows=shard_rows, chunk_rows=CHUNK_ROWS,
-                         arrays=(ArraySpec("gsf", extractor.width, "float16"),))
-    summary = f"GSF {'+'.join(b.name for b in extractor.backbones)} ({extractor.width}-d), {manifest.name}"
-    writer = store.create(spec, layout, attrs={"summary": summary, "columns": columns})
-    writer.write_document("dataset", manifest.to_json())
-    missing = writer.missing_shards()
-    computed_rows = sum(b - a for a, b in map(layout.shard_range, missing))
-    log(JOB, f"entry {spec.key}: {len(missing)} of {layout.num_shards} shards to compute "
-             f"({computed_rows} rows, {len(manifest) - computed_rows} reused)")
 
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    progress = Progress(JOB, computed_rows, unit="images")
-    forward_passes, shard_seconds = 0, 0.0
-    if missing:
-        forward_passes, shard_seconds = run_shards(cfg, store.url, spec, layout, manifest, missing, use_gpu, progress)
-    final = writer.finalize({"summary": summary})
-    log(JOB, f"entry {spec.key} complete: {final['ok']} ok, {final['failed']} failed in {progress.seconds:.1f} s")
-    return {**result, "ok": final["ok"], "failed": final["failed"], "computed_rows": computed_rows,
-            "reused_rows": len(manifest) - computed_rows, "forward_passes": forward_passes, "reused": False,
-            "seconds": round(progress.seconds, 3), "shard_seconds": round(shard_seconds, 3), "images_per_s": round(computed_rows / max(progress.seconds, 1e-9), 2)}
-
-
-def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, manifest, shards: list[int],
-               use_gpu: bool, progress: Progress) -> tuple[int, float]:
-    """Compute ``shards`` on an actor pool. Returns the number of forward passes made and the
-    actors' summed seconds inside shards (the job's time minus start-up and scheduling)."""
+def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, hashes: np.ndarray, uris: list[str],
+               shards: list[int], use_gpu: bool, progress: Progress) -> tuple[int, float]:
+    """Compute ``shards`` of a segment on an actor pool. Returns the number of forward passes
+    made and the actors' summed seconds inside shards (the job's time minus start-up)."""
     import ray.data
 
+    hexes = hashes_to_hex(hashes)
     tasks = []
     for shard in shards:
         start, stop = layout.shard_range(shard)
-        tasks.append({"task": json.dumps({"shard": shard, "start": start, "uris": manifest.uris[start:stop],
-                                          "sha256": manifest.sha256[start:stop]})})
+        tasks.append({"task": json.dumps({"shard": shard, "start": start, "uris": uris[start:stop],
+                                          "sha256": hexes[start:stop]})})
     workers = min(cfg.workers, len(shards))
     results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
         ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
@@ -183,4 +197,4 @@ def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, ma
 
 if __name__ == "__main__":
     sys.exit(run_job(JOB, ExtractConfig, main, user_errors=(
-        BackboneError, WeightsError, DatasetError, StoreError, SourceError, SpecMismatch)))
+        BackboneError, WeightsError, DatasetError, SplitError, StoreError, SourceError, SpecMismatch)))

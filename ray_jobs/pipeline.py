@@ -47,13 +47,15 @@ from safetensors.numpy import load as load_safetensors
 
 from featurestore.backends import Backend, StoreError
 from featurestore.datasets import DatasetError
-from featurestore.layout import STATUS_OK
+from featurestore.dataset_table import DatasetTable
+from featurestore.splits import SplitError, SplitSpec
+from featurestore.views import GsfView
 from featurestore.reader import EntryNotFound
 from featurestore.sources import SourceError, read_bytes
 from featurestore.store import FeatureStore
 from ray_jobs import distill, evaluate, extract, report, train_student
 from ray_jobs.config import ConfigError, as_dict, from_dict, option, run_job
-from ray_jobs.extract import DatasetConfig
+from ray_jobs.dataset_input import DatasetConfig
 from ray_jobs.runtime import cluster_gpus, is_local, log
 from ray_jobs.train_student import LossConfig, StudentConfig
 from trainers.backbones import BackboneError
@@ -66,7 +68,7 @@ JOB = "pipeline"
 #: Keys of the stage sections that the pipeline sets itself, from its top-level keys.
 SET_BY_PIPELINE = {
     "extract": ("dataset", "store", "ray_address", "num_cpus"),
-    "distill": ("store", "gsf_entry", "ray_address"),
+    "distill": ("dataset", "store", "gsf_entry", "ray_address"),
     "train": ("store", "knowledge_entry", "student", "loss", "seed", "name", "ray_address", "num_cpus"),
 }
 SIZE_SAMPLE = 32  # images whose size gives the teacher's "full res" input in the table
@@ -96,6 +98,9 @@ class PipelineConfig:
     train: dict[str, Any] = option(default_factory=dict, help="ray_jobs.train_student keys (epochs, lr, num_workers…)")
     losses: tuple[str | LossConfig, ...] = option(("kd", "baseline"), help="loss kinds or loss sections")
     seeds: tuple[int, ...] = option((0, 1, 2), help="one student run per seed")
+    splits: tuple[str, ...] = option((), help="dataset.split specs (official, file:PATH, cv:K:FOLD[:SEED], "
+                                              "random:FRACTION:SEED): one knowledge entry and one set of student "
+                                              "runs each (Fig. 6); empty: dataset.split")
     evaluate_batch_size: int = option(32, help="images per forward pass when scoring the test split")
     report: str = option("report", help="report.md, plots, predictions and run records: local directory or s3:// prefix")
     ray_address: str | None = option(None, help="Ray cluster address; default RAY_ADDRESS or a local instance")
@@ -104,6 +109,15 @@ class PipelineConfig:
     def __post_init__(self):
         if not self.students or not self.losses or not self.seeds:
             raise ConfigError("students, losses and seeds must each name at least one")
+        for split in self.splits:
+            try:
+                SplitSpec.parse(split)
+            except SplitError as exc:
+                raise ConfigError(f"splits: {exc}") from None
+        if len(set(self.split_list)) != len(self.split_list):
+            raise ConfigError(f"splits repeat: {list(self.splits)}")
+        if self.dataset.path is None:
+            raise ConfigError("dataset.path is required: the dataset the pipeline extracts and trains on")
         if self.demo_data and (self.dataset.format != "ava" or "://" in self.dataset.path):
             raise ConfigError("demo_data writes an AVA-layout dataset to a local dataset.path with dataset.format ava")
         for stage, keys in SET_BY_PIPELINE.items():
@@ -111,27 +125,36 @@ class PipelineConfig:
                 raise ConfigError(f"{stage}.{taken[0]} is set by the pipeline; set the top-level key instead")
 
 
+    @property
+    def split_list(self) -> tuple[str, ...]:
+        return tuple(str(SplitSpec.parse(s)) for s in self.splits) or (self.dataset.split or "official",)
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One student run: a training config whose name identifies it, and how to label it."""
 
     config: train_student.TrainConfig
-    model: str  # the report's row: student and loss
+    model: str  # the report's row: student and loss (and split, when there are several)
     group: str  # students in one group differ only in loss
+    split: str
 
 
 def stage_configs(cfg: PipelineConfig) -> tuple[extract.ExtractConfig, distill.DistillConfig]:
     common = {"ray_address": cfg.ray_address}
     ex = from_dict(extract.ExtractConfig, {**cfg.extract, **common, "dataset": as_dict(cfg.dataset),
                                           "store": cfg.store, "num_cpus": cfg.num_cpus}, prefix="extract.")
-    di = from_dict(distill.DistillConfig, {**cfg.distill, **common, "store": cfg.store, "gsf_entry": "(extract)"},
-                   prefix="distill.")
+    di = from_dict(distill.DistillConfig, {**cfg.distill, **common, "store": cfg.store, "gsf_entry": "(extract)",
+                                           "dataset": {"split": cfg.dataset.split}}, prefix="distill.")
     return ex, di
 
 
-def plan_experiments(cfg: PipelineConfig, knowledge_entry: str) -> list[Experiment]:
-    """Students × losses × seeds, each named ``<loss>-<backbone>-s<seed>-<hash>``: the hash covers
-    the knowledge entry and every training key, so equal names mean equal experiments."""
+def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | None = None) -> list[Experiment]:
+    """Students × losses × seeds on one split's knowledge, each named ``<loss>-<backbone>-s<seed>-<hash>``:
+    the hash covers the knowledge entry (and so the split) and every training key, so equal names
+    mean equal experiments."""
+    split = split or cfg.split_list[0]
+    suffix = f" [{split}]" if len(cfg.split_list) > 1 else ""
     losses = [LossConfig(kind=loss) if isinstance(loss, str) else loss for loss in cfg.losses]
     experiments = []
     for student in cfg.students:
@@ -145,8 +168,8 @@ def plan_experiments(cfg: PipelineConfig, knowledge_entry: str) -> list[Experime
                 digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
                 name = f"{loss.kind}-{student.backbone}-s{seed}-{digest}".replace("/", "_")
                 config = from_dict(train_student.TrainConfig, {**tree, "name": name}, prefix="train.")
-                experiments.append(Experiment(config, model=f"Student {student.backbone}, {loss.kind}",
-                                              group=f"{student.backbone}@{student.view}"))
+                experiments.append(Experiment(config, model=f"Student {student.backbone}, {loss.kind}{suffix}",
+                                              group=f"{student.backbone}@{student.view}{suffix}", split=split))
     return experiments
 
 
@@ -201,17 +224,23 @@ def run(cfg: PipelineConfig, extract_cfg: extract.ExtractConfig, distill_cfg: di
     extracted = extract.main(extract_cfg)
     log(JOB, f"GSF entry {extracted['entry']}: {extracted['forward_passes']} forward passes, "
              f"{'reused' if extracted['reused'] else 'computed'} ({extracted['seconds']:.0f} s)")
-    log(JOB, "stage 2/3: teacher knowledge (distiller)")
-    distilled = distill.main(replace(distill_cfg, gsf_entry=extracted["entry"]))
-    log(JOB, f"knowledge entry {distilled['entry']}: {'reused, no refit' if distilled['reused'] else 'fitted'} "
-             f"({distilled['seconds']:.0f} s); teacher test {fmt_metrics(distilled['test'])}")
     store = FeatureStore(cfg.store)
-    dataset = store.open(extracted["entry"]).read_document("dataset")  # large for AVA: read once
-    teacher = teacher_model(store.open(distilled["entry"]), dataset, out, extracted, distilled)
+    dataset = GsfView(store, extracted["entry"]).dataset()
+    log(JOB, f"stage 2/3: teacher knowledge (distiller) for {len(cfg.split_list)} split(s)")
+    distilled, teachers, experiments = {}, [], []
+    for split in cfg.split_list:
+        result = distill.main(replace(distill_cfg, gsf_entry=extracted["entry"],
+                                      dataset=replace(distill_cfg.dataset, split=split)))
+        log(JOB, f"split {split}: knowledge entry {result['entry']}: "
+                 f"{'reused, no refit' if result['reused'] else 'fitted'} ({result['seconds']:.0f} s); "
+                 f"teacher test {fmt_metrics(result['test'])}")
+        distilled[split] = result
+        teachers.append(teacher_model(store.open(result["entry"]), dataset.resplit(SplitSpec.parse(split)), out,
+                                      extracted, result, split if len(cfg.split_list) > 1 else None))
+        experiments += plan_experiments(cfg, result["entry"], split)
 
-    experiments = plan_experiments(cfg, distilled["entry"])
     log(JOB, f"stage 3/3: {len(experiments)} student runs ({len(cfg.students)} students × "
-             f"{len(cfg.losses)} losses × {len(cfg.seeds)} seeds)")
+             f"{len(cfg.losses)} losses × {len(cfg.seeds)} seeds × {len(cfg.split_list)} splits)")
     runs, failed = [], []
     for i, experiment in enumerate(experiments, 1):
         name = experiment.config.name
@@ -223,7 +252,9 @@ def run(cfg: PipelineConfig, extract_cfg: extract.ExtractConfig, distill_cfg: di
             continue
         runs.append((experiment, record))
 
-    results = report_input(cfg, dataset, extracted, distilled, teacher, experiments[0].config, runs, failed)
+    first = distilled[cfg.split_list[0]]
+    results = report_input(cfg, dataset.resplit(SplitSpec.parse(cfg.split_list[0])), extracted, first, teachers,
+                           experiments[0].config, runs, failed)
     written = report.write_report(results, out)
     for line in written["table"].splitlines():
         log(JOB, line)
@@ -232,7 +263,9 @@ def run(cfg: PipelineConfig, extract_cfg: extract.ExtractConfig, distill_cfg: di
     log(JOB, f"report: {written['report']}")
     return {"report": written["report"], "table": written["table"],
             "extract": {k: extracted[k] for k in ("entry", "forward_passes", "reused", "computed_rows", "seconds")},
-            "distill": {k: distilled[k] for k in ("entry", "reused", "test", "seconds")},
+            "distill": {k: first[k] for k in ("entry", "reused", "test", "seconds")},
+            "splits": [{"split": split, **{k: d[k] for k in ("entry", "reused", "test", "train_rows", "test_rows")}}
+                       for split, d in distilled.items()],
             "students": [{"name": e.config.name, "loss": e.config.loss.kind, "seed": e.config.seed,
                           "backbone": e.config.student.backbone, "reused": r["reused"], "metrics": r["metrics"],
                           "checkpoint": r["checkpoint"], "seconds": r["seconds"]} for e, r in runs],
@@ -270,7 +303,8 @@ def run_experiment(cfg: PipelineConfig, experiment: Experiment, out: Path, posit
 def evaluate_on_test(cfg: PipelineConfig, checkpoint: str) -> tuple[dict, str]:
     """``ray_jobs.evaluate`` on the test split: here, or on a GPU worker when the cluster has GPUs
     and this driver has none. Returns its result and the per-image CSV text."""
-    eval_cfg = evaluate.EvaluateConfig(checkpoint=checkpoint, dataset=cfg.dataset, split="test",
+    # the dataset recorded at extraction, on the split of the student's knowledge: nothing re-indexed
+    eval_cfg = evaluate.EvaluateConfig(checkpoint=checkpoint, dataset=DatasetConfig(), store=cfg.store, split="test",
                                        batch_size=cfg.evaluate_batch_size)
     if not is_local(cfg.ray_address):
         import ray
@@ -288,25 +322,29 @@ def _evaluate(eval_cfg: evaluate.EvaluateConfig) -> tuple[dict, str]:
         return result, path.read_text()
 
 
-def teacher_model(knowledge, dataset: dict, out: Path, extracted: dict, distilled: dict) -> dict:
-    """The teacher's report row: the distiller on the trio's GSFs, at full resolution."""
+def teacher_model(knowledge, dataset: DatasetTable, out: Path, extracted: dict, distilled: dict,
+                  split: str | None) -> dict:
+    """The teacher's report row: the distiller on the trio's GSFs, at full resolution (on ``split``,
+    named in the row when the report has several)."""
     from trainers.cost import teacher_cost
+    from trainers.knowledge import knowledge_hashes, knowledge_rows
 
     spec = knowledge.read_document("distiller")["spec"]
-    test = np.flatnonzero(np.asarray(dataset["splits"]) == "test")
-    height, width = median_size([dataset["uris"][i] for i in test[:SIZE_SAMPLE]] or dataset["uris"][:SIZE_SAMPLE])
+    test = np.flatnonzero(np.asarray(dataset.splits, str) == "test")
+    height, width = median_size([dataset.uris[i] for i in test[:SIZE_SAMPLE]] or list(dataset.uris[:SIZE_SAMPLE]))
     params, gflops = teacher_cost(spec["backbones"], height, width)
     distiller_params = sum(a.size for a in load_safetensors(knowledge.read_blob("distiller.safetensors")).values())
     metrics = knowledge.read_document("metrics")
     timing = teacher_timing(out, extracted, distilled)
     gt_mean, pred_mean = [], []
-    if spec["label"] == "distribution" and dataset.get("votes") is not None and len(test):
-        ok = knowledge.status()[test] == STATUS_OK
-        pred = knowledge.read_rows(test, ["distribution"])["distribution"]
-        gt_mean = mean_score(np.asarray(dataset["votes"], np.float64)[test])[ok].tolist()
-        pred_mean = mean_score(pred.astype(np.float64))[ok].tolist()
-    return {"name": f"Teacher: {' + '.join(spec['backbones'])} → distiller", "role": "teacher", "loss": None,
-            "group": None, "input": f"full res (median {width}×{height})", "params": params + distiller_params,
+    if spec["label"] == "distribution" and dataset.votes is not None and len(test):
+        krows = knowledge_rows(knowledge_hashes(knowledge), dataset.sha256[test])
+        ok = krows >= 0
+        pred = knowledge.read_rows(krows[ok], ["distribution"])["distribution"]
+        gt_mean = mean_score(np.asarray(dataset.votes, np.float64)[test])[ok].tolist()
+        pred_mean = mean_score(pred.astype(np.float64)).tolist()
+    return {"name": f"Teacher: {' + '.join(spec['backbones'])} → distiller" + (f" [{split}]" if split else ""),
+            "role": "teacher", "loss": None, "group": None, "split": split, "input": f"full res (median {width}×{height})", "params": params + distiller_params,
             "flops": (gflops + distiller_params / 1e9) * 1e9,
             "runs": [{"seed": spec["seed"], "seconds": timing["seconds"], "reused": timing["reused"],
                       "metrics": distilled["test"] or {}, "gt_mean": gt_mean, "pred_mean": pred_mean,
@@ -346,7 +384,7 @@ def median_size(uris: list[str]) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def report_input(cfg: PipelineConfig, dataset: dict, extracted: dict, distilled: dict, teacher: dict,
+def report_input(cfg: PipelineConfig, dataset: DatasetTable, extracted: dict, distilled: dict, teachers: list[dict],
                  train: train_student.TrainConfig, runs: list[tuple[Experiment, dict]], failed: list[dict]) -> dict:
     """What ``ray_jobs.report`` renders: one teacher row, one row per student × loss over seeds."""
     models: dict[str, dict] = {}
@@ -357,7 +395,7 @@ def report_input(cfg: PipelineConfig, dataset: dict, extracted: dict, distilled:
             from trainers.cost import student_cost
 
             params, gflops = student_cost(spec)
-            models[experiment.model] = {"name": experiment.model, "role": "student",
+            models[experiment.model] = {"name": experiment.model, "role": "student", "split": experiment.split,
                                         "loss": experiment.config.loss.kind, "group": experiment.group,
                                         "input": f"{h}×{w}" + (" (backbone frozen)" if spec.freeze_backbone else ""),
                                         "params": params, "flops": gflops * 1e9, "runs": []}
@@ -365,10 +403,10 @@ def report_input(cfg: PipelineConfig, dataset: dict, extracted: dict, distilled:
             {"seed": experiment.config.seed, "seconds": record["seconds"], "reused": record["reused"],
              "metrics": record["metrics"], "gt_mean": record["gt_mean"], "pred_mean": record["pred_mean"],
              "per_category": record["per_category"], "history": record["history"]})
-    splits = list(dataset["splits"])
+    splits = list(dataset.splits)
     notes = [f"Student run {f['name']} failed: {f['error']}" for f in failed]
     return {
-        "title": f"Teacher vs students on {dataset.get('name', cfg.dataset.path)}",
+        "title": f"Teacher vs students on {dataset.name or cfg.dataset.path}",
         "setup": {
             "dataset": f"{cfg.dataset.path} ({len(splits)} images: {splits.count('train')} train, "
                        f"{splits.count('test')} test)",
@@ -378,8 +416,9 @@ def report_input(cfg: PipelineConfig, dataset: dict, extracted: dict, distilled:
             "students": f"{train.epochs} epochs, batch {train.batch_size} per worker, {train.num_workers} workers, "
                         f"Adam {train.lr:g} ÷10 every {train.lr_step_epochs} epochs",
             "seeds": ", ".join(map(str, cfg.seeds)),
+            "splits": ", ".join(cfg.split_list),
         },
-        "models": [teacher, *models.values()], "notes": notes,
+        "models": [*teachers, *models.values()], "notes": notes,
     }
 
 
@@ -397,5 +436,5 @@ def write_json(path: Path, data: dict) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     sys.exit(run_job(JOB, PipelineConfig, main, user_errors=(
-        BackboneError, WeightsError, DatasetError, StoreError, SourceError, EntryNotFound, KnowledgeError,
+        BackboneError, WeightsError, DatasetError, SplitError, StoreError, SourceError, EntryNotFound, KnowledgeError,
         StudentError, extract.SpecMismatch)))

@@ -192,6 +192,7 @@ def comparison_lines(results: dict) -> list[str]:
         if model["role"] == "student" and model.get("group") is not None:
             groups.setdefault(model["group"], []).append(model)
     lines = []
+    over_splits: dict[tuple[str, str], list[float]] = {}  # (student, loss) → SRCC gain per split
     for group, models in groups.items():
         baseline = next((m for m in models if m.get("loss") == "baseline"), None)
         if baseline is None:
@@ -205,6 +206,24 @@ def comparison_lines(results: dict) -> list[str]:
             clauses = [c for m in ("srcc", "emd") if (c := metric_comparison(m, loss, summary, baseline_summary))]
             lines.append(f"{loss} vs baseline ({group}, {seeds_phrase(summary, baseline_summary)}): "
                          + (" ".join(clauses) if clauses else "no metric is available for both."))
+            a, b = summary["metrics"]["srcc"]["mean"], baseline_summary["metrics"]["srcc"]["mean"]
+            if model.get("split") is not None and a is not None and b is not None:
+                student = group.rsplit(" [", 1)[0]
+                over_splits.setdefault((student, loss), []).append(a - b)
+    lines += split_range_lines(over_splits)
+    return lines
+
+
+def split_range_lines(gains: dict[tuple[str, str], list[float]]) -> list[str]:
+    """Fig. 6 in words: the range of the SRCC improvement over splits, and on how many it is positive."""
+    lines = []
+    for (student, loss), values in gains.items():
+        if len(values) < 2:
+            continue
+        lines.append(f"{loss} vs baseline ({student}) over {len(values)} splits: SRCC improvement from "
+                     f"{format_signed(min(values))} to {format_signed(max(values))} "
+                     f"(mean {format_signed(sum(values) / len(values))}); positive on {sum(v > 0 for v in values)} "
+                     f"of {len(values)}.")
     return lines
 
 

@@ -21,12 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featurestore.backends import StoreError
+from featurestore.datasets import DatasetError
+from featurestore.sources import SourceError
+from featurestore.splits import SplitError
 from featurestore.reader import EntryNotFound
 from featurestore.store import FeatureStore
+from featurestore.views import put_table
 from ray_jobs.config import ConfigError, as_dict, option, run_job
+from ray_jobs.dataset_input import DatasetConfig, knowledge_table
 from ray_jobs.runtime import cluster_gpus, init_ray, is_local, log
 from trainers.losses import KINDS, LossSpec
 from trainers.student import StudentSpec
+from trainers.train_loop import UnreadableImages
 from trainers.weights import WeightsError, check_local_file
 
 JOB = "train_student"
@@ -53,6 +59,9 @@ class TrainConfig:
     store: str = option(help="feature store URL")
     knowledge_entry: str = option(help="knowledge entry key (from ray_jobs.distill)")
     student: StudentConfig
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    max_unreadable_fraction: float = option(0.01, help="fail the run when more of an epoch's train images than "
+                                                       "this cannot be read or no longer match the index")
     loss: LossConfig = field(default_factory=LossConfig)
     num_workers: int | tuple[int, ...] = option(2, help="DDP workers: a count, or [min, max] for an elastic run")
     cpus_per_worker: float = option(1.0, help="CPUs reserved per worker")
@@ -72,6 +81,8 @@ class TrainConfig:
         workers = (self.num_workers,) if isinstance(self.num_workers, int) else tuple(self.num_workers)
         if not 1 <= len(workers) <= 2 or min(workers) < 1 or workers != tuple(sorted(workers)):
             raise ConfigError(f"num_workers must be a count ≥ 1 or [min, max], got {self.num_workers!r}")
+        if not 0 <= self.max_unreadable_fraction <= 1:
+            raise ConfigError("max_unreadable_fraction must be between 0 and 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r} must be auto, cpu or cuda")
         try:
@@ -110,7 +121,9 @@ def main(cfg: TrainConfig) -> dict:
     workers = workers[0] if isinstance(workers, tuple) and len(workers) == 1 else workers
     log(JOB, f"student {student.backbone} ({student.view}) with loss {cfg.loss.kind} on {workers} "
              f"{'GPU' if use_gpu else 'CPU'} worker(s); knowledge {cfg.knowledge_entry}")
+    table = knowledge_table(cfg.dataset, store, knowledge)
     loop_config = {"store": store.url, "knowledge_entry": cfg.knowledge_entry, "student": student.to_json(),
+                   "dataset_table": put_table(store, table), "max_unreadable_fraction": cfg.max_unreadable_fraction,
                    "loss": as_dict(cfg.loss), "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                    "lr_step_epochs": cfg.lr_step_epochs, "seed": cfg.seed}
     trainer = TorchTrainer(
@@ -121,7 +134,13 @@ def main(cfg: TrainConfig) -> dict:
         run_config=RunConfig(name=cfg.name, storage_path=storage_uri(cfg.storage_path),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray Train raises the workers' errors wrapped
+        marker = f"{UnreadableImages.__name__}: "
+        if marker in str(exc):  # a user's problem: one clear message, not the workers' tracebacks
+            raise UnreadableImages(str(exc).split(marker, 1)[1].strip().splitlines()[0]) from None
+        raise
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     metrics = result.metrics or {}
@@ -136,11 +155,12 @@ def main(cfg: TrainConfig) -> dict:
         checkpoint = f"s3://{checkpoint}"
     log(JOB, f"done: checkpoint {checkpoint}; test {test}")
     return {"checkpoint": checkpoint, "metrics": test, "history": history, "epochs": metrics.get("epoch", -1) + 1,
-            "train_rows_seen": metrics.get("train_rows_seen"),
+            "train_rows": metrics.get("train_rows_seen"), "unreadable_rows": metrics.get("unreadable_rows"),
             "knowledge_entry": cfg.knowledge_entry, "loss": cfg.loss.kind, "student": student.to_json(),
             "seconds": round(time.perf_counter() - started, 3)}
 
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    sys.exit(run_job(JOB, TrainConfig, main, user_errors=(StoreError, EntryNotFound, WeightsError)))
+    sys.exit(run_job(JOB, TrainConfig, main, user_errors=(StoreError, EntryNotFound, WeightsError, DatasetError,
+                                                          SplitError, SourceError, UnreadableImages)))

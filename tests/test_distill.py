@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,17 +14,26 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from featurestore.layout import STATUS_FAILED, ArraySpec, EntryLayout
-from featurestore.specs import EntrySpec
+from featurestore.dataset_table import DatasetTable, hashes_from_hex
+from featurestore.specs import BackboneSpec, ExtractorSpec
 from featurestore.store import FeatureStore
+from featurestore.views import GsfView, import_features
 from trainers.distiller import DistillerSpec
-from trainers.knowledge import KnowledgeError, distill
+from trainers.knowledge import KnowledgeError, distill, knowledge_hashes
 from trainers.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 N, NOISE, SIGNAL = 480, 32, 48
 CPU = torch.device("cpu")
 SMALL = dict(hidden=(64, 16), epochs=25, batch_size=64, lr=2e-3, lr_step_epochs=10)
+
+
+EXTRACTOR = ExtractorSpec(backbones=(BackboneSpec("noise", "random:0", ("stem",), NOISE),
+                                     BackboneSpec("signal", "random:1", ("stem",), SIGNAL)))
+
+
+def fake_hashes(n: int, salt: str = "") -> np.ndarray:
+    return hashes_from_hex([hashlib.sha256(f"{salt}{i}".encode()).hexdigest() for i in range(n)])
 
 
 def synthetic_gsf_entry(url: str, test_outlier: float | None = None) -> tuple[str, dict]:
@@ -35,34 +45,26 @@ def synthetic_gsf_entry(url: str, test_outlier: float | None = None) -> tuple[st
     quality = 5 + 3 * np.tanh((signal - 10 - np.arange(SIGNAL))[:, :8].sum(1) / 2)
     raters = np.clip(np.rint(quality[:, None] + rng.normal(0, 1.2, (N, 100))), 1, 10).astype(int)
     votes = np.stack([(raters == k).sum(1) for k in range(1, 11)], 1)
-    splits = np.array(["test" if i % 5 == 0 else "train" for i in range(N)])
+    splits = np.array(["test" if i % 5 == 0 else "train" for i in range(N)], object)
     gsf = np.concatenate([noise, signal], 1).astype(np.float16)
     if test_outlier is not None:
         gsf[splits == "test"] = test_outlier  # would wreck BatchNorm's statistics if fitted on
-    spec = EntrySpec("gsf", {"synthetic": "distill-test", "outlier": test_outlier})
-    layout = EntryLayout(rows=N, shard_rows=128, chunk_rows=32, arrays=(ArraySpec("gsf", NOISE + SIGNAL, "float16"),))
-    writer = FeatureStore(url).create(spec, layout, attrs={"columns": {"noise": [0, NOISE],
-                                                                       "signal": [NOISE, NOISE + SIGNAL]}})
-    writer.write_document("dataset", {"votes": votes.tolist(), "splits": splits.tolist(),
-                                      "tags": [[1 + i % 2, 0] for i in range(N)],
-                                      "tag_names": [[1, "Animals"], [2, "Urban"]]})
-    for shard in writer.missing_shards():
-        start, stop = layout.shard_range(shard)
-        failures = {7: "cannot decode"} if start <= 7 < stop else {}
-        block = gsf[start:stop].copy()
-        for r in failures:
-            block[r - start] = 0
-        writer.write_shard(shard, {"gsf": block}, failures=failures)
-    writer.finalize()
-    return spec.key, {"votes": votes, "splits": splits, "signal_mean": signal[splits == "train"].mean(0)}
+    table = DatasetTable(name="synthetic", image_ids=np.array([str(i) for i in range(N)], object),
+                         uris=np.array([f"/nowhere/{i}.jpg" for i in range(N)], object),
+                         sha256=fake_hashes(N, salt=str(test_outlier)), splits=splits, votes=votes,
+                         tags=np.array([[1 + i % 2, 0] for i in range(N)]), tag_names=((1, "Animals"), (2, "Urban")))
+    view = import_features(FeatureStore(url), EXTRACTOR, table, gsf, failures={7: "cannot decode"}, shard_rows=128)
+    return view.key, {"votes": votes, "splits": splits, "signal_mean": signal[splits == "train"].mean(0),
+                      "table": table}
 
 
 def test_distiller_learns_the_signal_and_writes_a_knowledge_entry(store_url):
     parent, truth = synthetic_gsf_entry(store_url)
     store = FeatureStore(store_url)
     result = distill(store, parent, DistillerSpec(backbones=("signal", "noise"), **SMALL), CPU)
-    assert result["reused"] is False and result["parent"] == parent
+    assert result["reused"] is False and result["gsf_entry"] == parent
     assert result["train_rows"] == 383 and result["test_rows"] == 96  # row 7 (train) failed extraction
+    assert result["rows_without_features"] == 1
 
     test = truth["splits"] == "test"
     gt = truth["votes"][test] / truth["votes"][test].sum(1, keepdims=True)
@@ -72,14 +74,16 @@ def test_distiller_learns_the_signal_and_writes_a_knowledge_entry(store_url):
     assert result["test"]["emd"] < 0.75 * trivial["emd"]
 
     knowledge = store.open(result["entry"])
-    assert knowledge.spec.parent == parent and knowledge.spec.kind == "knowledge"
+    assert knowledge.attrs["view"] == parent and knowledge.spec.kind == "knowledge"
+    assert knowledge.attrs["uses"] == list(GsfView(store, parent).segments)  # lineage: the features it read
     assert knowledge.spec.producer["backbones"] == ["noise", "signal"]  # entry order, whatever was asked
-    arrays = knowledge.read_range(0, N)
-    assert arrays["feature"].shape == (N, 16) and arrays["distribution"].shape == (N, 10)
-    ok = knowledge.status() != STATUS_FAILED
-    assert not ok[7] and "cannot decode" in knowledge.failures()[7]
-    np.testing.assert_allclose(arrays["distribution"][ok].sum(1), 1, atol=1e-5)
-    assert np.all(arrays["feature"][ok] >= 0)  # f_t is the post-ReLU input of the last layer
+    arrays = knowledge.read_range(0, knowledge.rows)
+    assert arrays["feature"].shape == (N - 1, 16) and arrays["distribution"].shape == (N - 1, 10)
+    # rows are the images with features, by hash: row 7 (failed) has none
+    hashes = np.sort(np.delete(truth["table"].sha256, 7))
+    assert np.array_equal(knowledge_hashes(knowledge), hashes)
+    np.testing.assert_allclose(arrays["distribution"].sum(1), 1, atol=1e-5)
+    assert np.all(arrays["feature"] >= 0)  # f_t is the post-ReLU input of the last layer
     state = load_safetensors(knowledge.read_blob("distiller.safetensors"))
     assert state["fc2.weight"].shape == (16, 64) and state["norm.weight"].shape == (NOISE + SIGNAL,)
 
@@ -131,7 +135,7 @@ def test_distill_job_cli_and_bad_subset(local_store_url):
     ok = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, env=os.environ.copy())
     assert ok.returncode == 0, ok.stderr[-2000:]
     out = json.loads(ok.stdout.strip().splitlines()[-1])
-    assert out["parent"] == parent and set(out["test"]) >= {"srcc", "plcc", "acc", "emd"}
+    assert out["gsf_entry"] == parent and set(out["test"]) >= {"srcc", "plcc", "acc", "emd"}
     assert "epoch 2/2" in ok.stderr
     bad = subprocess.run(args + ["backbones=[resnet9000]"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "resnet9000" in bad.stderr and "Traceback" not in bad.stderr

@@ -5,10 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from PIL import Image
 
 from featurestore.layout import STATUS_FAILED, STATUS_OK
 from featurestore.store import FeatureStore
+from featurestore.views import GsfView
 from ray_jobs.config import load_config
 from ray_jobs.extract import ExtractConfig, main
 from trainers.backbones import build_extractor
@@ -26,6 +25,16 @@ from trainers.images import ImageDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["backbones=[resnet18]", "weights=random:0", "workers=1", "cpus_per_worker=2"]
+
+
+def view_rows(store: str, key: str) -> tuple[list[str], np.ndarray, dict[int, str], np.ndarray]:
+    """A view's image ids, per-row status, failures, and GSF rows by dataset row (zeros where failed)."""
+    view = GsfView(FeatureStore(store), key)
+    table, status = view.dataset(), view.status()
+    ok = np.flatnonzero(status == STATUS_OK)
+    gsf = np.zeros((len(table), view.extractor.width), np.float16)
+    gsf[ok] = view.features(table.sha256[ok])
+    return list(table.image_ids), status, view.failures(), gsf
 
 
 def extract(*overrides: str) -> dict:
@@ -46,9 +55,7 @@ def test_mlsp_rows_match_a_direct_forward_and_rerun_reuses(ray_local, tmp_path):
     assert first["width"] == 64 + 64 + 128 + 256 + 512 and first["columns"] == {"resnet18": [0, 1024]}
     assert first["forward_passes"] > 0 and first["computed_rows"] == 12
 
-    reader = FeatureStore(store).open(first["entry"])
-    ids = reader.read_document("dataset")["image_ids"]
-    stored = reader.read_range(0, 12)["gsf"]
+    ids, _, _, stored = view_rows(store, first["entry"])
     extractor = build_extractor(["resnet18"], "random:0", device="cpu")
     decoder = ImageDecoder(device="cpu")
     for row in (0, 1, 2, 7):  # one image of each size, and a repeat
@@ -90,16 +97,14 @@ def test_bad_input_zoo_completes_with_per_row_failures(ray_local, tmp_path):
     store = str(tmp_path / "store")
     result = extract(f"dataset.path={tmp_path / 'ava'}", f"store={store}", *SMALL, f"max_pixels={256 * 256}")
     assert result["ok"] + result["failed"] == result["rows"] == 11
-    reader = FeatureStore(store).open(result["entry"])
-    ids = reader.read_document("dataset")["image_ids"]
-    status = dict(zip(ids, reader.status()))
-    reasons = {ids[row]: reason for row, reason in reader.failures().items()}
+    ids, status, failures, gsf = view_rows(store, result["entry"])
+    status = dict(zip(ids, status))
+    reasons = {ids[row]: reason for row, reason in failures.items()}
     assert set(reasons) == {"missing", "truncated", "garbage", "empty"}
     assert "missing file" in reasons["missing"]
     assert all(status[i] == STATUS_FAILED for i in reasons)
     for name in ("ok1", "ok2", "png_rgba", "webp", "cmyk", "gray", "huge"):
         assert status[name] == STATUS_OK, name
-    gsf = reader.read_range(0, 11)["gsf"]
     assert np.all(gsf[[ids.index(i) for i in reasons]] == 0)
     assert np.all(np.abs(gsf[ids.index("huge")]).sum() > 0)
 
@@ -120,34 +125,10 @@ def test_csv_dataset_on_s3_with_unreadable_object_into_s3_store(ray_local, tmp_p
     assert (result["rows"], result["ok"], result["failed"]) == (6, 5, 1)
     reader = FeatureStore(store).open(result["entry"])
     assert list(reader.failures().values())[0].startswith("missing file s3://")
-    verify = subprocess.run([sys.executable, "-m", "featurestore", "verify", store, result["entry"]],
-                            capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=120)
-    assert verify.returncode == 0, verify.stderr
-
-
-def test_killed_job_resumes_only_missing_shards_bit_exact(ray_local, tmp_path):
-    rng = np.random.default_rng(7)
-    write_ava(tmp_path / "ava", {str(i): jpeg_bytes(rng, 192, 160) for i in range(256)})
-    args = [f"dataset.path={tmp_path / 'ava'}", *SMALL, "shard_rows=32"]
-    store = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.extract", *args, f"store={store}"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "RAY_ADDRESS": ""})
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(store.glob("*/_commits/*.json")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and every process it started
-    proc.wait()
-    committed = len(list(store.glob("*/_commits/*.json")))
-    assert 1 <= committed < 8, f"{committed} shards committed before the kill"
-
-    resumed = extract(*args, f"store={store}")
-    assert resumed["reused_rows"] >= 32 and resumed["computed_rows"] == 256 - resumed["reused_rows"]
-    clean = extract(*args, f"store={tmp_path / 'clean'}")
-    assert clean["entry"] == resumed["entry"]
-    a = FeatureStore(str(store)).open(resumed["entry"])
-    b = FeatureStore(str(tmp_path / "clean")).open(clean["entry"])
-    assert a.manifest["checksums"] == b.manifest["checksums"]  # bit-exact, shard by shard
+    for key in (result["entry"], result["segment"]):
+        verify = subprocess.run([sys.executable, "-m", "featurestore", "verify", store, key],
+                                capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=120)
+        assert verify.returncode == 0, verify.stderr
 
 
 def test_bad_config_fails_fast_naming_the_problem(tmp_path):
@@ -182,5 +163,5 @@ def test_gpu_extraction_uses_bf16_and_mixed_decode(ray_local, tmp_path):
     write_ava(tmp_path / "ava", good_images(6))
     result = extract(f"dataset.path={tmp_path / 'ava'}", f"store={tmp_path / 'store'}", "backbones=[resnet18]",
                      "weights=random:0", "device=cuda")
-    spec = FeatureStore(str(tmp_path / "store")).open(result["entry"]).spec
+    spec = FeatureStore(str(tmp_path / "store")).open(result["segment"]).spec
     assert spec.identity["extractor"]["compute_dtype"] == "bfloat16" and result["ok"] == 6

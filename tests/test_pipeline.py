@@ -84,7 +84,7 @@ def test_second_run_with_other_experiments_reuses_features_and_knowledge(tmp_pat
     assert second["extract"] == {**first["extract"], "forward_passes": 0, "reused": True, "computed_rows": 0,
                                  "seconds": 0.0}
     assert second["distill"]["entry"] == first["distill"]["entry"] and second["distill"]["reused"]
-    assert "reusing it, 0 forward passes" in log and "reusing it, no refit" in log
+    assert "reusing them, 0 forward passes" in log and "reusing it, no refit" in log
     assert snapshot(store) == before  # no entry written, rewritten or added
     assert second["reused_students"] == 1 and second["trained"] == 1  # kd reused; baseline trained
     by_name = {s["name"]: s for s in second["students"]}
@@ -108,7 +108,37 @@ def test_experiment_names_identify_the_whole_training_config(tmp_path):
         assert plan_experiments(cfg, knowledge)[0].config.name != base, overrides
 
 
+def test_each_split_is_its_own_set_of_experiments(tmp_path):
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    cfg = load_config(PipelineConfig, str(config_file), ["splits=[official, 'cv:3:0', 'cv:3:1']"])
+    assert cfg.split_list == ("official", "cv:3:0:0", "cv:3:1:0")
+    plans = [plan_experiments(cfg, f"knowledge-{i}", split) for i, split in enumerate(cfg.split_list)]
+    names = {e.config.name for plan in plans for e in plan}
+    assert len(names) == 3 and {e.split for plan in plans for e in plan} == set(cfg.split_list)
+    assert all(e.model.endswith(f"[{e.split}]") for plan in plans for e in plan)
+    single = load_config(PipelineConfig, str(config_file), [])
+    assert single.split_list == ("official",) and plan_experiments(single, "knowledge-0")[0].model.endswith("kd")
+
+
+def test_the_report_gives_the_range_of_the_improvement_over_splits():
+    from ray_jobs.report import comparison_lines
+
+    def student(loss, split, srccs):
+        runs = [{"seed": i, "metrics": {"srcc": v, "emd": 0.1}, "seconds": 1.0, "reused": False}
+                for i, v in enumerate(srccs)]
+        return {"name": f"{loss} [{split}]", "role": "student", "loss": loss, "split": split,
+                "group": f"lite0@resize:64 [{split}]", "runs": runs}
+
+    models = [student("kd", "cv:2:0:0", [0.50, 0.52]), student("baseline", "cv:2:0:0", [0.40, 0.42]),
+              student("kd", "cv:2:1:0", [0.30, 0.32]), student("baseline", "cv:2:1:0", [0.35, 0.37])]
+    lines = comparison_lines({"models": models})
+    summary = [line for line in lines if "over 2 splits" in line]
+    assert len(summary) == 1 and "from \u22120.050 to +0.100" in summary[0] and "positive on 1 of 2" in summary[0]
+
+
 @pytest.mark.parametrize("overrides, message", [
+    (["splits=['cv:2:7']"], "splits: split cv:2:7"),
     (["extract.store=/x"], "extract.store is set by the pipeline"),
     (["train.epochs=many"], "config key 'train.epochs': expected int"),
     (["train.bogus=1"], "unknown config key 'train.bogus'"),

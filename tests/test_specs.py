@@ -1,4 +1,5 @@
-"""Keys: same spec ⇒ same key; any change ⇒ a new key; source URIs are not identity."""
+"""Keys: same spec ⇒ same key; any change ⇒ a new key. Features are keyed by image content and
+extractor; a dataset's view by the extractor and everything in the dataset table."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import dataclasses
 
 import pytest
 
+from featurestore.dataset_table import DatasetTable, hashes_from_hex
+from featurestore.features import segment_spec
 from featurestore.specs import (FORMAT_VERSION, BackboneSpec, DatasetManifest, EntrySpec, ExtractorSpec, SpecError,
-                                canonical_json, entry_key, gsf_entry_spec)
+                                canonical_json, entry_key)
+from featurestore.views import view_spec
 
 H = ["a" * 64, "b" * 64, "c" * 64]
 
@@ -18,6 +22,15 @@ def manifest(**changes) -> DatasetManifest:
                 tags=((1, 0), (0, 0), (2, 3)), tag_names=((1, "Nature"), (2, "Urban"), (3, "Portrait")))
     base.update(changes)
     return DatasetManifest(**base)
+
+
+def gsf_entry_spec(m: DatasetManifest, e: ExtractorSpec) -> EntrySpec:
+    """The view of dataset ``m`` under ``e`` (what extraction reports as its entry)."""
+    return view_spec(e, DatasetTable.from_manifest(m))
+
+
+def segment_of(e: ExtractorSpec, hashes=H) -> EntrySpec:
+    return segment_spec(e, hashes_from_hex(sorted(hashes)))
 
 
 def extractor(**changes) -> ExtractorSpec:
@@ -46,9 +59,17 @@ def test_any_dataset_change_makes_a_new_key(change):
     assert gsf_entry_spec(manifest(**change), extractor()).key != gsf_entry_spec(manifest(), extractor()).key
 
 
-def test_moving_images_keeps_the_key():
+def test_moving_images_keeps_the_dataset_identity_but_makes_a_new_view():
     moved = manifest(uris=("s3://bucket/1.jpg", "s3://bucket/2.jpg", "s3://bucket/3.jpg"))
-    assert gsf_entry_spec(moved, extractor()).key == gsf_entry_spec(manifest(), extractor()).key
+    assert moved.digest() == manifest().digest()
+    assert gsf_entry_spec(moved, extractor()).key != gsf_entry_spec(manifest(), extractor()).key
+
+
+def test_segment_key_is_the_extractor_and_the_image_hashes_only():
+    assert segment_of(extractor()).key == segment_of(extractor()).key
+    assert segment_of(extractor(), H[:2]).key != segment_of(extractor()).key
+    assert segment_of(extractor(compute_dtype="bfloat16")).key != segment_of(extractor()).key
+    assert segment_of(extractor()).key.startswith("gsfseg-")
 
 
 @pytest.mark.parametrize("change", [
@@ -57,6 +78,7 @@ def test_moving_images_keeps_the_key():
 ])
 def test_any_extractor_change_makes_a_new_key(change):
     assert gsf_entry_spec(manifest(), extractor(**change)).key != gsf_entry_spec(manifest(), extractor()).key
+    assert segment_of(extractor(**change)).key != segment_of(extractor()).key
 
 
 def test_backbone_order_and_weights_matter_and_column_ranges_follow_order():

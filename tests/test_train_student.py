@@ -10,22 +10,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from image_data import good_images, write_ava
 
+from featurestore.dataset_table import DatasetTable
 from featurestore.datasets import load_dataset
-from featurestore.layout import ArraySpec, EntryLayout
 from featurestore.partition import World
-from featurestore.specs import EntrySpec
+from featurestore.specs import BackboneSpec, ExtractorSpec
 from featurestore.store import FeatureStore
+from featurestore.views import GsfView, import_features
 from ray_jobs.config import load_config
 from trainers.distiller import DistillerSpec
-from trainers.knowledge import distill
+from trainers.knowledge import distill, knowledge_hashes, knowledge_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES = 30
 TINY = ["student.backbone=resnet18", "student.weights=random:0", "student.view=resize:64", "batch_size=4",
-        "num_workers=2", "cpus_per_worker=1", "lr=1e-3"]
+        "num_workers=2", "cpus_per_worker=1", "lr=1e-3", "max_unreadable_fraction=0.1"]  # 1 of 24 never decodes
 
 
 def knowledge_entry(tmp_path: Path, store_url: str) -> str:
@@ -35,19 +37,13 @@ def knowledge_entry(tmp_path: Path, store_url: str) -> str:
     # row 1 (a train row) never decodes: it must get weight 0, not stall or skew training
     images = dict([good[0], ("broken", b"not a jpeg"), *good[1:]])
     write_ava(tmp_path / "ava", images, test_every=5)  # rows 0, 5, 10, ... are test
-    manifest = load_dataset(str(tmp_path / "ava"), "ava")
+    table = DatasetTable.from_manifest(load_dataset(str(tmp_path / "ava"), "ava"))
     store = FeatureStore(store_url)
-    layout = EntryLayout(rows=len(manifest), shard_rows=8, chunk_rows=8, arrays=(ArraySpec("gsf", 24, "float16"),))
-    writer = store.create(EntrySpec("gsf", {"dataset": manifest.digest(), "synthetic": True}), layout,
-                          attrs={"columns": {"toy": [0, 24]}})
-    writer.write_document("dataset", manifest.to_json())
-    rng = np.random.default_rng(0)
-    for shard in writer.missing_shards():
-        start, stop = layout.shard_range(shard)
-        writer.write_shard(shard, {"gsf": rng.random((stop - start, 24)).astype(np.float16)})
-    writer.finalize()
+    extractor = ExtractorSpec(backbones=(BackboneSpec("toy", "random:0", ("stem",), 24),))
+    gsf = np.random.default_rng(0).random((len(table), 24)).astype(np.float16)
+    view = import_features(store, extractor, table, gsf, shard_rows=8)
     spec = DistillerSpec(backbones=("toy",), hidden=(16, 8), epochs=2, batch_size=8)
-    return distill(store, writer.key, spec, torch.device("cpu"))["entry"]
+    return distill(store, view.key, spec, torch.device("cpu"))["entry"]
 
 
 def train(*overrides: str) -> dict:
@@ -62,10 +58,11 @@ def test_stream_partitions_train_rows_exactly_once_with_equal_steps(tmp_path):
 
     store_url = str(tmp_path / "store")
     key = knowledge_entry(tmp_path, store_url)
-    knowledge = FeatureStore(store_url).open(key)
-    dataset = FeatureStore(store_url).open(knowledge.spec.parent).read_document("dataset")
-    data = split_rows(knowledge, dataset, "train", "distribution")
-    assert len(data) == 24 and all(dataset["splits"][r] == "train" for r in data.rows) and 1 in data.rows
+    store = FeatureStore(store_url)
+    knowledge = store.open(key)
+    dataset = GsfView(store, knowledge.attrs["view"]).dataset()
+    data = split_rows(dataset, knowledge_hashes(knowledge), "train", "distribution")
+    assert len(data) == 24 and all(dataset.splits[r] == "train" for r in data.rows) and 1 in data.rows
     decoder = ImageDecoder(device="cpu", resize=(32, 32))
     for world in (1, 2, 3, 5):
         seen, steps = [], []
@@ -76,11 +73,35 @@ def test_stream_partitions_train_rows_exactly_once_with_equal_steps(tmp_path):
             steps.append(len(batches))
             for b in batches:
                 assert b.images.shape[1:] == (3, 32, 32) and b.teacher_feature.shape[1] == 8
+                krows = knowledge_rows(knowledge_hashes(knowledge), dataset.sha256[b.rows])
                 np.testing.assert_array_equal(b.teacher_feature.numpy(),
-                                              knowledge.read_rows(b.rows, ["feature"])["feature"])
+                                              knowledge.read_rows(krows, ["feature"])["feature"])
                 seen += b.rows[b.weight.numpy() > 0].tolist()
         assert len(set(steps)) == 1  # DDP needs equal step counts
         assert sorted(seen) == sorted(set(data.rows.tolist()) - {1})
+
+
+def test_a_moved_dataset_streams_every_row_and_changed_images_are_counted(tmp_path):
+    from trainers.images import ImageDecoder
+    from trainers.student_data import StudentStream, split_rows
+
+    store_url = str(tmp_path / "store")
+    key = knowledge_entry(tmp_path, store_url)
+    store = FeatureStore(store_url)
+    knowledge = store.open(key)
+    (tmp_path / "ava").rename(tmp_path / "moved")
+    moved = DatasetTable.from_manifest(load_dataset(str(tmp_path / "moved"), "ava"))
+    data = split_rows(moved, knowledge_hashes(knowledge), "train", "distribution")
+    assert len(data) == 24 and all(u.startswith(str(tmp_path / "moved")) for u in data.uris)
+    changed = data.uris[2]
+    Path(changed).write_bytes(Path(data.uris[3]).read_bytes())  # other bytes than were indexed
+    decoder = ImageDecoder(device="cpu", resize=(32, 32))
+    stream = StudentStream(store_url, key, data, "distribution", World(0, 1), 4, decoder, (32, 32), seed=0,
+                           locality_rows=8)
+    used = [r for b in stream.epoch(0) for r in b.rows[b.weight.numpy() > 0].tolist()]
+    assert sorted(used) == sorted(set(data.rows.tolist()) - {1, int(data.rows[2])})
+    assert stream.unreadable.count == 2  # the undecodable one and the changed one
+    assert changed in stream.unreadable.example or "broken" in stream.unreadable.example
 
 
 def test_two_gloo_workers_train_and_checkpoint_to_s3(ray_local, tmp_path, s3_bucket):
@@ -91,7 +112,7 @@ def test_two_gloo_workers_train_and_checkpoint_to_s3(ray_local, tmp_path, s3_buc
                    "name=kd-run")
     assert result["epochs"] == 2 and result["checkpoint"].startswith(f"s3://{s3_bucket}/runs/kd-run")
     assert set(result["metrics"]) >= {"srcc", "plcc", "acc", "emd"}
-    assert result["train_rows_seen"] == 23  # 24 train rows, one undecodable
+    assert result["train_rows"] == 23 and result["unreadable_rows"] == 1  # 24 train rows, one undecodable
     import boto3
 
     objects = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="runs/kd-run")["Contents"]
@@ -125,3 +146,14 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["epochs"] == 4 and result["checkpoint"]
+
+
+def test_too_many_unreadable_images_fail_the_run_naming_them(ray_local, tmp_path):
+    from ray_jobs.train_student import UnreadableImages
+
+    store_url = str(tmp_path / "store")
+    key = knowledge_entry(tmp_path, store_url)
+    (tmp_path / "ava").rename(tmp_path / "moved")  # moved after extraction, and dataset.path not given
+    with pytest.raises(UnreadableImages, match=r"24 of 24 train images could not be used in epoch 0.*/ava/.*dataset\.path"):
+        train(f"store={store_url}", f"knowledge_entry={key}", *TINY, "epochs=1", "max_failures=0",
+              f"storage_path={tmp_path / 'runs'}", "name=unreadable")

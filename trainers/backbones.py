@@ -12,10 +12,13 @@ its original state-dict layout and loads its published weights unchanged:
 
 A backbone's name alone fixes its architecture and input normalisation; its ``weights`` field
 (a state digest or ``random:<seed>``) fixes its parameters. Together they are a ``BackboneSpec``.
+``backbone_specs`` gives the specs ``build_extractor`` would, without the weights in memory: the
+architecture is built on the meta device and digests come from the weights digest cache.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Sequence
 
 import timm
@@ -25,7 +28,8 @@ from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
 from featurestore.specs import BackboneSpec, ExtractorSpec
-from trainers.weights import load_into, packaged_state_dict, read_state_dict, state_digest
+from trainers.weights import (DigestCache, check_fit, check_suffix, file_identity, load_into, loaded_digest,
+                              packaged_entry, packaged_state_dict, read_state_dict, state_digest)
 
 #: Short names for the paper's trio (Table XIII) that timm spells out.
 ALIASES = {
@@ -87,11 +91,7 @@ def create_model(name: str, weights: str = "random:0") -> tuple[nn.Module, str]:
     by their state digest.
     """
     name = canonical_name(name)
-    if weights == "random" or weights.startswith("random:"):
-        seed = weights.removeprefix("random:")
-        if not seed.isdigit():
-            raise BackboneError(f"random weights need an explicit seed, e.g. 'random:0'; got {weights!r}")
-        seed = int(seed)
+    if (seed := _random_seed(weights)) is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _build(name)
@@ -103,6 +103,16 @@ def create_model(name: str, weights: str = "random:0") -> tuple[nn.Module, str]:
         state = packaged_state_dict(name, model.state_dict()) if weights == "packaged" else read_state_dict(weights)
         load_into(model, state, weights)
     return model.eval(), state_digest(model.state_dict())
+
+
+def _random_seed(weights: str) -> int | None:
+    """The seed of ``random:<seed>`` weights; ``None`` for any other source."""
+    if weights == "random" or weights.startswith("random:"):
+        seed = weights.removeprefix("random:")
+        if not seed.isdigit():
+            raise BackboneError(f"random weights need an explicit seed, e.g. 'random:0'; got {weights!r}")
+        return int(seed)
+    return None
 
 
 def _build(name: str) -> nn.Module:
@@ -202,10 +212,89 @@ def build_extractor(names: str | Sequence[str], weights: str | Mapping[str, str]
     canonical) to source; see ``create_model`` for the forms a source takes.
     """
     names = expand_names(names)
-    if isinstance(weights, str):
-        sources = dict.fromkeys(names, weights)
-    else:
-        sources = {canonical_name(k): v for k, v in weights.items()}
-        if missing := [n for n in names if n not in sources]:
-            raise BackboneError(f"no weights given for {missing}")
+    sources = _sources(names, weights)
     return MLSPExtractor([load_backbone(n, sources[n]) for n in names], device=device)
+
+
+def _sources(names: tuple[str, ...], weights: str | Mapping[str, str]) -> dict[str, str]:
+    if isinstance(weights, str):
+        return dict.fromkeys(names, weights)
+    sources = {canonical_name(k): v for k, v in weights.items()}
+    if missing := [n for n in names if n not in sources]:
+        raise BackboneError(f"no weights given for {missing}")
+    return sources
+
+
+def backbone_specs(names: str | Sequence[str], weights: str | Mapping[str, str] = "random:0",
+                   cache_dir: str | os.PathLike | None = None) -> tuple[BackboneSpec, ...]:
+    """``build_extractor(names, weights, device="cpu").specs``, without holding any weights.
+
+    Layers and widths come from the architecture built on the meta device (no parameters
+    allocated). ``random:<seed>`` needs no I/O. A weights file's digest (local path, ``s3://`` URI
+    or packaged ``.pth``) comes from the digest cache in ``cache_dir`` (default
+    ``$AKD_CACHE_DIR/weights`` or ``~/.cache/aesthetic-kd/weights``), keyed by backbone, timm
+    version and the file's identity (stat / HEAD only); on a miss the file is read once and its
+    digest recorded. ``hub`` weights are downloaded and loaded as ``build_extractor`` does.
+    """
+    names = expand_names(names)
+    sources = _sources(names, weights)
+    cache: DigestCache | None = None
+    try:
+        specs = []
+        for name in names:
+            source = sources[name]
+            if source == "hub":
+                specs.append(load_backbone(name, "hub").spec)
+                continue
+            seed = _random_seed(source)
+            model = _meta_build(name)
+            if seed is not None:
+                identity = f"random:{seed}"
+            else:
+                cache = cache or DigestCache.load(cache_dir)
+                identity = _cached_digest(name, model, source, cache)
+            specs.append(Backbone(name, model, identity).spec)
+        return tuple(specs)
+    finally:
+        if cache is not None:
+            cache.save()
+
+
+def _meta_build(name: str) -> nn.Module:
+    """``name``'s architecture with parameters on the meta device (same names, shapes, dtypes);
+    built for real should some architecture's constructor need real tensors."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                return _build(name)
+        except Exception:  # noqa: BLE001 - e.g. a constructor that reads a tensor's values
+            return _build(name)
+
+
+def _cached_digest(name: str, model: nn.Module, source: str, cache: DigestCache) -> str:
+    """The digest ``create_model(name, source)`` yields, from ``cache`` when the file is unchanged."""
+    if source == "packaged":
+        entry = packaged_entry(name)
+        key = ["packaged", timm.__version__, name, entry.requirement, *file_identity(str(entry.path()))]
+    else:
+        check_suffix(source)
+        key = ["file", timm.__version__, name, *file_identity(source)]
+    if (digest := cache.get(key)) is None:
+        digest = _load_digest(name, model, source)
+        cache.put(key, digest)
+    return digest
+
+
+def _load_digest(name: str, model: nn.Module, source: str) -> str:
+    """Read the weights once and digest them as they would sit in ``model`` after ``load_into``."""
+    if _has_tied_tensors(model):  # loading keeps one of two tied tensors: only a real load says which
+        return create_model(name, source)[1]
+    own = model.state_dict()
+    state = packaged_state_dict(name, own) if source == "packaged" else read_state_dict(source)
+    check_fit(model, own, state, source)
+    return loaded_digest(own, state)
+
+
+def _has_tied_tensors(model: nn.Module) -> bool:
+    return (len(list(model.named_parameters(remove_duplicate=False))) != len(list(model.named_parameters()))
+            or len(list(model.named_buffers(remove_duplicate=False))) != len(list(model.named_buffers())))

@@ -13,7 +13,7 @@ f_t at 512 so the stored knowledge of AVA is 0.5 GB and the student's FC network
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Mapping
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -68,13 +68,6 @@ class Distiller(nn.Module):
         """(f_t, logits): the teacher aesthetic feature and the head's raw output."""
         f_t = torch.relu(self.fc2(torch.relu(self.fc1(self.norm(gsf)))))
         return f_t, self.head(f_t)
-
-
-def dataset_targets(label: str, dataset: Mapping[str, Any]) -> np.ndarray:
-    """:func:`targets_for` every row of a stored dataset document (``DatasetManifest.to_json``)."""
-    votes = None if dataset.get("votes") is None else np.asarray(dataset["votes"], np.float32)
-    scores = None if dataset.get("mean_scores") is None else np.asarray(dataset["mean_scores"], np.float32)
-    return targets_for(label, votes, scores)
 
 
 def targets_for(label: str, votes: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Teacher features for one store shard: read → verify → decode → full-resolution forward → pool → write.
+"""Teacher features for one segment shard: read → verify → decode → full-resolution forward → pool → write.
 
 A shard is the unit of work of the extraction job: one ``ShardExtractor`` (inside one Ray actor)
 computes every row of it and writes it whole, so the store's one-writer-per-shard rule holds and
@@ -29,6 +29,7 @@ import torch
 
 from featurestore import sources
 from featurestore.datasets import MISSING_SHA256
+from featurestore.features import GSF_ARRAY, HASH_ARRAY
 from featurestore.layout import EntryLayout
 from featurestore.specs import EntrySpec, ExtractorSpec
 from featurestore.store import FeatureStore
@@ -111,7 +112,8 @@ class ShardExtractor:
         features = np.zeros((len(task.uris), self.extractor.width), np.float16)
         for row, vector in self._forward(images, failures).items():
             features[row - task.start] = vector
-        commit = self.writer.write_shard(task.shard, {"gsf": features}, failures=failures)
+        hashes = np.frombuffer(bytes.fromhex("".join(task.sha256)), np.uint8).reshape(-1, 32)
+        commit = self.writer.write_shard(task.shard, {GSF_ARRAY: features, HASH_ARRAY: hashes}, failures=failures)
         return ShardResult(task.shard, len(task.uris), commit.ok, commit.failed,
                            self.forward_passes - forwards_before, time.perf_counter() - started)
 

@@ -1,20 +1,26 @@
-"""Fit a distiller on a GSF entry and write the teacher knowledge entry beside it.
+"""Fit a distiller on stored GSFs and write the teacher knowledge entry.
 
-The knowledge entry is derived: its key hashes the parent GSF key and the distiller spec (which
-includes the seed and the backbone subset), so the same request finds the finished entry and
-never refits. It holds, row-aligned with the parent (same shard size):
+Knowledge is keyed like features are: by what determines it. Its identity is the extractor
+whose features it was fitted on, the labels and split of every row it saw (image hash, split,
+target), and the distiller spec (backbone subset, seed, hyper-parameters). So a moved dataset
+finds its knowledge again, and a re-split or relabel refits only the distiller.
 
-* ``feature``: f_t [N, F] float32, the teacher aesthetic features;
-* ``distribution`` [N, 10] (or ``binary`` / ``score`` [N]): the teacher predictions;
-* ``docs/distiller.json`` (spec, columns used, parent), ``docs/metrics.json`` (test metrics,
-  training history, optional matching analysis and per-category table);
-* ``blobs/distiller.safetensors``: the fitted weights.
+Its rows are the distinct image hashes with ok features, sorted (``sha256`` array), so any
+copy or re-split of the dataset joins to it by content:
 
-Only train-split rows with an ok GSF are fitted on; test rows are used for the metrics only.
+* ``feature``: f_t [K, F] float32, the teacher aesthetic features;
+* ``distribution`` [K, 10] (or ``binary`` / ``score`` [K]): the teacher predictions;
+* ``sha256`` [K, 32] uint8: the image of each row;
+* ``docs/distiller.json`` (spec, columns used, the view fitted from, split),
+  ``docs/metrics.json`` (test metrics, training history, optional matching analysis and
+  per-category table); ``blobs/distiller.safetensors``: the fitted weights.
+
+Only train-split rows with ok features are fitted on; test rows are used for the metrics only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Callable
 
@@ -22,120 +28,152 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from featurestore.layout import STATUS_FAILED, STATUS_OK, ArraySpec, EntryLayout
+from featurestore.dataset_table import DatasetTable, hash_bytes, hashes_of
+from featurestore.features import HASH_ARRAY, extractor_key
+from featurestore.layout import ArraySpec, EntryLayout, default_shard_rows
 from featurestore.reader import EntryReader
 from featurestore.specs import EntrySpec
+from featurestore.splits import SplitSpec
 from featurestore.store import FeatureStore
-from trainers.distiller import (DistillerSpec, dataset_targets, evaluate_label, fit, in_memory_batches, infer,
-                                matching_scores)
+from featurestore.views import GsfView
+from trainers.distiller import DistillerSpec, evaluate_label, fit, in_memory_batches, infer, matching_scores, targets_for
 from trainers.metrics import evaluate_scores, mean_score, per_category
+
+CHUNK_ROWS = 256
 
 
 class KnowledgeError(ValueError):
     """A distiller request that cannot be served (unknown backbone subset, no labels, no train rows)."""
 
 
-def knowledge_spec(parent: EntryReader, spec: DistillerSpec) -> EntrySpec:
-    return EntrySpec(kind="knowledge", identity={"rows": parent.rows}, parent=parent.key, producer=spec.to_json())
+def table_targets(label: str, table: DatasetTable) -> np.ndarray:
+    """Every row's target in ``label``'s form; a :class:`KnowledgeError` if the labels lack it."""
+    try:
+        return targets_for(label, table.votes, table.mean_scores)
+    except ValueError as exc:
+        raise KnowledgeError(f"dataset {table.name!r}: {exc}") from None
 
 
-def select_columns(parent: EntryReader, backbones: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+def labels_digest(table: DatasetTable, rows: np.ndarray, targets: np.ndarray) -> str:
+    """SHA-256 over (image hash, split, target) of ``rows``, independent of their order."""
+    hashes, splits = table.sha256[rows], np.asarray(table.splits[rows], str)
+    order = np.lexsort((splits, hashes))
+    h = hashlib.sha256(hash_bytes(hashes[order]).tobytes())
+    h.update("\0".join(splits[order]).encode())
+    h.update(np.ascontiguousarray(targets[rows][order], "<f4").tobytes())
+    return h.hexdigest()
+
+
+def knowledge_spec(view: GsfView, spec: DistillerSpec, labels: str, rows: int) -> EntrySpec:
+    return EntrySpec(kind="knowledge", identity={"features": extractor_key(view.extractor), "labels": labels,
+                                                 "rows": rows}, producer=spec.to_json())
+
+
+def select_columns(columns: dict, backbones: tuple[str, ...], key: str) -> tuple[tuple[str, ...], np.ndarray]:
     """The chosen backbones in the entry's own order, and their GSF column indices."""
-    ranges = parent.attrs.get("columns", {})
-    if unknown := [b for b in backbones if b not in ranges]:
-        raise KnowledgeError(f"entry {parent.key} has no backbone(s) {unknown}; it has {list(ranges)}")
-    ordered = tuple(name for name in ranges if name in backbones)
-    return ordered, np.concatenate([np.arange(*ranges[name]) for name in ordered])
+    if unknown := [b for b in backbones if b not in columns]:
+        raise KnowledgeError(f"entry {key} has no backbone(s) {unknown}; it has {list(columns)}")
+    ordered = tuple(name for name in columns if name in backbones)
+    return ordered, np.concatenate([np.arange(*columns[name]) for name in ordered])
 
 
-def normalise_spec(parent: EntryReader, spec: DistillerSpec) -> DistillerSpec:
+def normalise_spec(view: GsfView, spec: DistillerSpec) -> DistillerSpec:
     """Backbones in entry order (so [a, b] and [b, a] are one request); empty means all."""
-    backbones = spec.backbones or tuple(parent.attrs.get("columns", {}))
-    ordered, _ = select_columns(parent, backbones)
+    ordered, _ = select_columns(view.columns, spec.backbones or tuple(view.columns), view.key)
     return DistillerSpec(**{**spec.to_json(), "backbones": ordered, "hidden": tuple(spec.hidden)})
 
 
-def read_columns(parent: EntryReader, columns: np.ndarray) -> np.ndarray:
-    """The selected GSF columns of every row, read shard by shard (float16, bounded temporaries)."""
-    out = np.empty((parent.rows, len(columns)), np.float16)
-    for shard in range(parent.layout.num_shards):
-        start, stop = parent.layout.shard_range(shard)
-        out[start:stop] = parent.read_range(start, stop, ["gsf"])["gsf"][:, columns]
-    return out
+def knowledge_hashes(knowledge: EntryReader) -> np.ndarray:
+    """The sorted image hashes of a knowledge entry's rows (for :func:`knowledge_rows`)."""
+    return hashes_of(knowledge.read_range(0, knowledge.rows, [HASH_ARRAY])[HASH_ARRAY])
 
 
-def distill(store: FeatureStore, parent_key: str, spec: DistillerSpec, device: torch.device,
-            matching: bool = False, log: Callable[[str], None] = lambda m: None) -> dict:
-    """Fit (unless the knowledge entry exists) and write; returns the job's result fields."""
-    parent = store.open(parent_key)
-    if parent.spec.kind != "gsf":
-        raise KnowledgeError(f"entry {parent_key} is a {parent.spec.kind!r} entry, not a GSF entry")
-    spec = normalise_spec(parent, spec)
-    entry = knowledge_spec(parent, spec)
+def knowledge_rows(hashes: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """The knowledge row of each image hash in ``images``, or -1 where it has none."""
+    pos = np.minimum(np.searchsorted(hashes, images), max(len(hashes) - 1, 0))
+    return np.where(len(hashes) and hashes[pos] == images, pos, -1) if len(hashes) else np.full(len(images), -1)
+
+
+def distill(store: FeatureStore, view_key: str, spec: DistillerSpec, device: torch.device,
+            table: DatasetTable | None = None, split: SplitSpec | None = None, matching: bool = False,
+            log: Callable[[str], None] = lambda m: None) -> dict:
+    """Fit (unless the knowledge entry exists) and write; returns the job's result fields.
+
+    ``table`` is the labelled dataset (default: the one recorded in the view; or a relabelled
+    or moved copy), ``split`` the split to fit and test on; rows join the view's features by
+    image hash.
+    """
+    try:
+        view = GsfView(store, view_key)
+    except ValueError as exc:
+        raise KnowledgeError(str(exc)) from None
+    spec = normalise_spec(view, spec)
+    split = split or SplitSpec.parse("official")
+    table = (view.dataset() if table is None else table).resplit(split)
+    targets = table_targets(spec.label, table)
+    found = view.index.lookup(table.sha256)[0]
+    rows = np.flatnonzero(found)
+    splits = np.asarray(table.splits, str)
+    train, test = rows[splits[rows] == "train"], rows[splits[rows] == "test"]
+    entry = knowledge_spec(view, spec, labels_digest(table, rows, targets), len(rows))
+    result = {"entry": entry.key, "gsf_entry": view_key, "rows_without_features": int(len(table) - len(rows))}
     if (done := store.find(entry)) is not None:
         metrics = done.read_document("metrics")
         log(f"knowledge entry {entry.key} is complete: reusing it, no refit")
-        return {"entry": entry.key, "parent": parent_key, "reused": True, "test": metrics["test"],
-                "train_rows": metrics["train_rows"], "test_rows": metrics["test_rows"], "seconds": 0.0}
+        return {**result, "reused": True, "test": metrics["test"], "train_rows": metrics["train_rows"],
+                "test_rows": metrics["test_rows"], "seconds": 0.0}
+    if len(train) < 2:
+        raise KnowledgeError(f"dataset {table.name!r} has {len(train)} train rows with features under entry "
+                             f"{view_key}; the distiller needs ≥ 2 (check dataset.split and the extraction)")
 
     started = time.perf_counter()
-    dataset = parent.read_document("dataset")
-    try:
-        targets = dataset_targets(spec.label, dataset)
-    except ValueError as exc:
-        raise KnowledgeError(f"dataset of entry {parent_key}: {exc}") from None
-    splits = np.asarray(dataset["splits"])
-    ok = parent.status() == STATUS_OK
-    train = np.flatnonzero((splits == "train") & ok)
-    test = np.flatnonzero((splits == "test") & ok)
-    if len(train) < 2:
-        raise KnowledgeError(f"entry {parent_key} has {len(train)} usable train rows; the distiller needs ≥ 2")
-    assert not np.any(splits[train] == "test"), "test rows must never enter fitting"
-
-    _, columns = select_columns(parent, spec.backbones)
-    log(f"reading {len(columns)} GSF columns of {parent.rows} rows ({', '.join(spec.backbones)})")
-    gsf = read_columns(parent, columns)
+    _, columns = select_columns(view.columns, spec.backbones, view_key)
+    log(f"reading {len(columns)} GSF columns of {len(train)} train rows ({', '.join(spec.backbones)})")
+    train_gsf = view.features(table.sha256[train], columns)
     log(f"fitting on {len(train)} train rows, label={spec.label}, {spec.epochs} epochs on {device}")
-    model, history = fit(spec, len(columns), in_memory_batches(gsf[train], targets[train], spec.batch_size, spec.seed),
+    model, history = fit(spec, len(columns), in_memory_batches(train_gsf, targets[train], spec.batch_size, spec.seed),
                          device, log)
-    f_t, pred = infer(model, spec.label, gsf, device)
-
+    test_gsf = view.features(table.sha256[test], columns)
+    _, test_pred = infer(model, spec.label, test_gsf, device)
     metrics = {"train_rows": int(len(train)), "test_rows": int(len(test)), "history": history,
-               "test": evaluate_label(spec.label, pred[test], targets[test]) if len(test) else None}
-    if spec.label == "distribution" and len(test) and dataset.get("tags"):
-        metrics["per_category"] = per_category(pred[test], targets[test], np.asarray(dataset["tags"])[test],
-                                               dataset.get("tag_names", []))
+               "test": evaluate_label(spec.label, test_pred, targets[test]) if len(test) else None}
+    if spec.label == "distribution" and len(test) and table.tags is not None:
+        metrics["per_category"] = per_category(test_pred, targets[test], table.tags[test], list(table.tag_names))
     if matching and len(test):
         gt = mean_score(targets) if spec.label == "distribution" else targets
+        f_train, f_test = infer(model, spec.label, train_gsf, device)[0], infer(model, spec.label, test_gsf, device)[0]
         metrics["matching"] = {
-            "gsf": evaluate_scores(matching_scores(gsf[train], gt[train], gsf[test]), gt[test]),
-            "teacher_feature": evaluate_scores(matching_scores(f_t[train], gt[train], f_t[test]), gt[test])}
-    write_knowledge(store, parent, entry, spec, model, f_t, pred, columns, metrics)
+            "gsf": evaluate_scores(matching_scores(train_gsf, gt[train], test_gsf), gt[test]),
+            "teacher_feature": evaluate_scores(matching_scores(f_train, gt[train], f_test), gt[test])}
+    del train_gsf, test_gsf
+    write_knowledge(store, view, entry, spec, model, np.unique(table.sha256[rows]), columns, metrics, device,
+                    split=str(split))
     log(f"knowledge entry {entry.key} written; test {metrics['test']}")
-    return {"entry": entry.key, "parent": parent_key, "reused": False, "test": metrics["test"],
-            "train_rows": metrics["train_rows"], "test_rows": metrics["test_rows"],
-            "matching": metrics.get("matching"), "seconds": round(time.perf_counter() - started, 3)}
+    return {**result, "reused": False, "test": metrics["test"], "train_rows": metrics["train_rows"],
+            "test_rows": metrics["test_rows"], "matching": metrics.get("matching"),
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
-def write_knowledge(store: FeatureStore, parent: EntryReader, entry: EntrySpec, spec: DistillerSpec, model,
-                    f_t: np.ndarray, pred: np.ndarray, columns: np.ndarray, metrics: dict) -> None:
+def write_knowledge(store: FeatureStore, view: GsfView, entry: EntrySpec, spec: DistillerSpec, model,
+                    hashes: np.ndarray, columns: np.ndarray, metrics: dict, device: torch.device,
+                    split: str) -> None:
+    """Infer and write shard by shard: memory is bounded by one shard, not by the dataset."""
+    width = spec.hidden[1]
     output = ArraySpec(spec.label, 10 if spec.label == "distribution" else 0, "float32")
-    layout = EntryLayout(rows=parent.rows, shard_rows=parent.layout.shard_rows, chunk_rows=parent.layout.chunk_rows,
-                         codec=parent.layout.codec, arrays=(ArraySpec("feature", f_t.shape[1], "float32"), output))
+    shard_rows = default_shard_rows(4 * (width + 10) + 32, target_bytes=8 << 20, chunk_rows=CHUNK_ROWS)
+    layout = EntryLayout(rows=len(hashes), shard_rows=shard_rows, chunk_rows=CHUNK_ROWS, codec=view.entry.layout.codec,
+                         arrays=(ArraySpec("feature", width, "float32"), output, ArraySpec(HASH_ARRAY, 32, "uint8")))
     writer = store.create(entry, layout, attrs={
-        "summary": f"knowledge {spec.label} f_t[{f_t.shape[1]}] from {'+'.join(spec.backbones)} (seed {spec.seed})"})
+        "summary": f"knowledge {spec.label} f_t[{width}] from {'+'.join(spec.backbones)} (seed {spec.seed})",
+        "view": view.key, "uses": list(view.segments), "split": split})
     writer.write_document("distiller", {"spec": spec.to_json(), "in_features": int(len(columns)),
-                                        "parent": parent.key, "columns": parent.attrs["columns"]})
+                                        "view": view.key, "columns": {k: list(v) for k, v in view.columns.items()},
+                                        "split": split})
     writer.write_document("metrics", metrics)
     writer.write_blob("distiller.safetensors", save_safetensors({k: v.detach().cpu().contiguous()
                                                                  for k, v in model.state_dict().items()}))
-    status, reasons = parent.status(), parent.failures()
     for shard in writer.missing_shards():
         start, stop = layout.shard_range(shard)
-        failed = {r: f"no teacher features: {reasons.get(r, 'GSF row failed')}"
-                  for r in range(start, stop) if status[r] == STATUS_FAILED}
-        feature, out = f_t[start:stop].copy(), pred[start:stop].copy()
-        feature[[r - start for r in failed]] = 0
-        out[[r - start for r in failed]] = 0
-        writer.write_shard(shard, {"feature": feature, spec.label: out}, failures=failed)
+        f_t, pred = infer(model, spec.label, view.features(hashes[start:stop], columns), device)
+        writer.write_shard(shard, {"feature": f_t, spec.label: pred, HASH_ARRAY: hash_bytes(hashes[start:stop])})
     writer.finalize({"test": metrics["test"]})

@@ -27,12 +27,18 @@ import torch
 
 from featurestore.partition import World
 from featurestore.store import FeatureStore
+from featurestore.views import get_table
 from trainers.distiller import evaluate_label, prediction
+from trainers.knowledge import knowledge_hashes
 from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
 from trainers.student import StudentSpec, build_student, decoder_for, save_student, view_size
 from trainers.student_data import StudentStream, split_rows
 
 OPTIMIZER_FILE, STATE_FILE, HISTORY_FILE = "optimizer.safetensors", "trainer_state.json", "history.json"
+
+
+class UnreadableImages(RuntimeError):
+    """Too many of an epoch's images could not be read, or no longer match the index."""
 
 
 def save_trainer_state(directory: str, optimizer: torch.optim.Optimizer, scheduler, epoch: int) -> None:
@@ -128,13 +134,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     store = FeatureStore(config["store"], create=False)
     knowledge = store.open(config["knowledge_entry"])
-    dataset = store.open(knowledge.spec.parent).read_document("dataset")
+    table = get_table(store, config["dataset_table"], columns=("uri", "split", "votes", "mean_score"))
+    hashes = knowledge_hashes(knowledge)
     decoder = decoder_for(spec, device)
     streams = {split: StudentStream(config["store"], config["knowledge_entry"],
-                                    split_rows(knowledge, dataset, split, label), label,
+                                    split_rows(table, hashes, split, label), label,
                                     World(rank, world_size), config["batch_size"], decoder, view_size(spec.view),
                                     config["seed"], locality_rows=knowledge.layout.shard_rows)
                for split in ("train", "test")}
+    max_unreadable = config["max_unreadable_fraction"]
 
     for epoch in range(start_epoch, config["epochs"]):
         started = time.perf_counter()
@@ -157,8 +165,16 @@ def train_loop_per_worker(config: dict) -> None:
                 sums[name] = sums.get(name, 0.0) + float(value) * n
         scheduler.step()
         rows_seen = _sum(rows_seen, device)
+        unreadable = int(_sum(float(streams["train"].unreadable.count), device))
+        if unreadable > max_unreadable * len(streams["train"].data):
+            example = streams["train"].unreadable.example or "(on another worker)"
+            raise UnreadableImages(
+                f"{unreadable} of {len(streams['train'].data)} train images could not be used in epoch {epoch} "
+                f"(more than max_unreadable_fraction={max_unreadable}); e.g. {example}. Point dataset.path at "
+                "where the images are now, or re-extract if they changed")
         metrics = {name: _sum(value, device) / max(rows_seen, 1.0) for name, value in sums.items()}
-        metrics.update({"epoch": epoch, "train_rows_seen": int(rows_seen), "lr": optimizer.param_groups[0]["lr"],
+        metrics.update({"epoch": epoch, "train_rows_seen": int(rows_seen), "unreadable_rows": unreadable,
+                        "lr": optimizer.param_groups[0]["lr"],
                         **{f"val_{k}": v for k, v in validate(ddp_model, streams["test"], label, device).items()},
                         "epoch_seconds": time.perf_counter() - started})
         history.append(metrics)
