@@ -108,6 +108,7 @@ class GsfView:
         self.extractor = ExtractorSpec.from_json(self.entry.spec.identity["extractor"])
         self.segments: tuple[str, ...] = tuple(self.entry.attrs["uses"])
         self._index: FeatureIndex | None = None
+        self._segments: dict = {}  # opened segment readers, by index position
 
     @property
     def rows(self) -> int:
@@ -134,5 +135,5 @@ class GsfView:
 
     def features(self, hashes: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """GSF rows (float16) of images by hash; every hash must have ok features here."""
-        return read_features(self.store, self.index, hashes, columns)
+        return read_features(self.store, self.index, hashes, columns, self._segments)
 

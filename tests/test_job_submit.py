@@ -13,6 +13,7 @@ import pytest
 from image_data import good_images, write_ava
 
 from featurestore.store import FeatureStore
+from featurestore.views import GsfView
 from ray_jobs.runtime import FORWARDED_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +59,11 @@ def test_extract_distill_train_under_ray_job_submit_to_s3(ray_head, tmp_path, s3
     gsf = submit(ray_head, "ray_jobs.extract", f"dataset.path={tmp_path / 'ava'}", f"store={store}",
                  "backbones=[resnet18]", "weights=random:0")
     assert gsf["rows"] == gsf["ok"] == 8
-    reader = FeatureStore(store).open(gsf["entry"])
-    assert reader.manifest["ok"] == 8 and reader.read_range(0, 8)["gsf"].any()
-    assert "testing" not in json.dumps(reader.spec.to_json()) + json.dumps(reader.attrs)  # no credentials stored
+    view = GsfView(FeatureStore(store), gsf["entry"])
+    assert view.entry.manifest["ok"] == 8 and view.features(view.dataset().sha256).any()
+    segment = FeatureStore(store).open(gsf["segment"])
+    for reader in (view.entry, segment):  # no credentials stored
+        assert "testing" not in json.dumps(reader.spec.to_json()) + json.dumps(reader.attrs)
 
     knowledge = submit(ray_head, "ray_jobs.distill", f"store={store}", f"gsf_entry={gsf['entry']}",
                        "hidden=[32,16]", "epochs=2", "batch_size=4")

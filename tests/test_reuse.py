@@ -127,6 +127,19 @@ def test_a_moved_dataset_reuses_features_and_knowledge(ray_local, tmp_path, s3_b
     assert again["reused"] and again["entry"] == knowledge["entry"]
     assert GsfView(FeatureStore(store), moved["entry"]).dataset().uris[0].startswith(f"s3://{s3_bucket}/moved/")
 
+    # a student of that knowledge is scored on every test image where they are now
+    from ray_jobs import evaluate
+    from trainers.student import StudentSpec, build_student, save_student
+
+    spec = StudentSpec("resnet18", view="resize:64", feature_width=8)
+    checkpoint = save_student(tmp_path / "ckpt", build_student(spec), spec,
+                              extra={"knowledge_entry": knowledge["entry"]})
+    scored = evaluate.main(load_config(evaluate.EvaluateConfig, None, [
+        f"checkpoint={checkpoint}", f"store={store}", f"dataset.path=s3://{s3_bucket}/moved",
+        f"output={tmp_path / 'predictions.csv'}"]))
+    test_rows = int(np.sum(table.splits == "test"))
+    assert scored["n"] == test_rows == knowledge["test_rows"] and scored["failed"] == 0
+
 
 def test_a_killed_incremental_extraction_resumes_bit_exact(ray_local, tmp_path):
     rng = np.random.default_rng(7)

@@ -151,24 +151,24 @@ def infer(model: Distiller, label: str, gsf: np.ndarray, device: torch.device,
     return np.concatenate(features), np.concatenate(outputs)
 
 
-def in_memory_batches(gsf: np.ndarray, targets: np.ndarray, batch_size: int, seed: int):
-    """``batches_for_epoch`` over arrays already in memory: a fresh seeded permutation each epoch."""
-    def batches(epoch: int) -> BatchStream:
-        order = np.random.default_rng([seed, epoch]).permutation(len(gsf))
-        for start in range(0, len(order), batch_size):
-            idx = np.sort(order[start:start + batch_size])
-            yield torch.from_numpy(np.asarray(gsf[idx], np.float32)), torch.from_numpy(targets[idx])
-    return batches
+def matching_scores(read_train, train_rows: int, train_score: np.ndarray, test: np.ndarray,
+                    chunk: int = 4096) -> np.ndarray:
+    """Table IV: each test image takes the score of its nearest training image (cosine similarity).
 
-
-def matching_scores(train: np.ndarray, train_score: np.ndarray, test: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Table IV: each test image takes the score of its nearest training image (cosine similarity)."""
+    ``read_train(start, stop)`` returns training rows ``[start, stop)``: the training set is
+    scanned block by block for each block of ``test``, so memory is bounded by two blocks.
+    """
     def unit(x):
         x = np.asarray(x, np.float32)
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    train_u, out = unit(train), np.empty(len(test), np.float32)
-    for start in range(0, len(test), chunk):
-        sims = unit(test[start:start + chunk]) @ train_u.T
-        out[start:start + chunk] = train_score[np.argmax(sims, axis=1)]
+    test_u = unit(test)
+    best = np.full(len(test), -np.inf, np.float32)
+    out = np.zeros(len(test), np.float32)
+    for start in range(0, train_rows, chunk):
+        sims = test_u @ unit(read_train(start, min(start + chunk, train_rows))).T
+        top = np.argmax(sims, axis=1)
+        value = sims[np.arange(len(test)), top]
+        better = value > best
+        best[better], out[better] = value[better], train_score[start + top[better]]
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -29,17 +30,21 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from featurestore.dataset_table import DatasetTable, hash_bytes, hashes_of
-from featurestore.features import HASH_ARRAY, extractor_key
+from featurestore.features import HASH_ARRAY, extractor_key, plan_windows
 from featurestore.layout import ArraySpec, EntryLayout, default_shard_rows
 from featurestore.reader import EntryReader
 from featurestore.specs import EntrySpec
 from featurestore.splits import SplitSpec
 from featurestore.store import FeatureStore
 from featurestore.views import GsfView
-from trainers.distiller import DistillerSpec, evaluate_label, fit, in_memory_batches, infer, matching_scores, targets_for
+from trainers.distiller import DistillerSpec, evaluate_label, fit, infer, matching_scores, targets_for
 from trainers.metrics import evaluate_scores, mean_score, per_category
 
 CHUNK_ROWS = 256
+#: Rows of GSF held at once while streaming: a window of WINDOW_BLOCKS blocks of BLOCK_ROWS rows
+#: (4096 rows ≈ 190 MB at the paper's 23424 columns), plus the next window being read.
+BLOCK_ROWS, WINDOW_BLOCKS = 512, 8
+READ_ROWS = BLOCK_ROWS * WINDOW_BLOCKS
 
 
 class KnowledgeError(ValueError):
@@ -128,30 +133,69 @@ def distill(store: FeatureStore, view_key: str, spec: DistillerSpec, device: tor
 
     started = time.perf_counter()
     _, columns = select_columns(view.columns, spec.backbones, view_key)
-    log(f"reading {len(columns)} GSF columns of {len(train)} train rows ({', '.join(spec.backbones)})")
-    train_gsf = view.features(table.sha256[train], columns)
-    log(f"fitting on {len(train)} train rows, label={spec.label}, {spec.epochs} epochs on {device}")
-    model, history = fit(spec, len(columns), in_memory_batches(train_gsf, targets[train], spec.batch_size, spec.seed),
+    train_hashes, test_hashes = table.sha256[train], table.sha256[test]
+    log(f"fitting on {len(train)} train rows streamed from the store ({len(columns)} GSF columns of "
+        f"{', '.join(spec.backbones)}), label={spec.label}, {spec.epochs} epochs on {device}")
+    model, history = fit(spec, len(columns), streamed_batches(view, train_hashes, targets[train], columns, spec),
                          device, log)
-    test_gsf = view.features(table.sha256[test], columns)
-    _, test_pred = infer(model, spec.label, test_gsf, device)
+    test_pred = predict(model, spec.label, view, test_hashes, columns, device)
     metrics = {"train_rows": int(len(train)), "test_rows": int(len(test)), "history": history,
                "test": evaluate_label(spec.label, test_pred, targets[test]) if len(test) else None}
     if spec.label == "distribution" and len(test) and table.tags is not None:
         metrics["per_category"] = per_category(test_pred, targets[test], table.tags[test], list(table.tag_names))
     if matching and len(test):
-        gt = mean_score(targets) if spec.label == "distribution" else targets
-        f_train, f_test = infer(model, spec.label, train_gsf, device)[0], infer(model, spec.label, test_gsf, device)[0]
-        metrics["matching"] = {
-            "gsf": evaluate_scores(matching_scores(train_gsf, gt[train], test_gsf), gt[test]),
-            "teacher_feature": evaluate_scores(matching_scores(f_train, gt[train], f_test), gt[test])}
-    del train_gsf, test_gsf
+        metrics["matching"] = matching_analysis(model, spec.label, view, train_hashes, test_hashes, columns,
+                                                targets[train], targets[test], device)
     write_knowledge(store, view, entry, spec, model, np.unique(table.sha256[rows]), columns, metrics, device,
                     split=str(split))
     log(f"knowledge entry {entry.key} written; test {metrics['test']}")
     return {**result, "reused": False, "test": metrics["test"], "train_rows": metrics["train_rows"],
             "test_rows": metrics["test_rows"], "matching": metrics.get("matching"),
             "seconds": round(time.perf_counter() - started, 3)}
+
+
+def streamed_batches(view: GsfView, hashes: np.ndarray, targets: np.ndarray, columns: np.ndarray,
+                     spec: DistillerSpec):
+    """``batches_for_epoch`` over rows read from the store window by window (see
+    :func:`featurestore.features.plan_windows`), the next window read while this one trains."""
+    def batches(epoch: int):
+        windows = plan_windows(view.index, hashes, spec.seed, epoch, BLOCK_ROWS, WINDOW_BLOCKS)
+        with ThreadPoolExecutor(1, thread_name_prefix="distill-read") as pool:
+            pending = pool.submit(view.features, hashes[windows[0]], columns) if windows else None
+            for i, window in enumerate(windows):
+                gsf = pending.result()
+                if i + 1 < len(windows):
+                    pending = pool.submit(view.features, hashes[windows[i + 1]], columns)
+                for start in range(0, len(window), spec.batch_size):
+                    yield (torch.from_numpy(gsf[start:start + spec.batch_size].astype(np.float32)),
+                           torch.from_numpy(targets[window[start:start + spec.batch_size]]))
+    return batches
+
+
+def predict(model, label: str, view: GsfView, hashes: np.ndarray, columns: np.ndarray, device) -> np.ndarray:
+    """The distiller's predictions for images by hash, read and inferred block by block."""
+    parts = [infer(model, label, view.features(hashes[start:start + READ_ROWS], columns), device)[1]
+             for start in range(0, len(hashes), READ_ROWS)]
+    return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+
+def matching_analysis(model, label: str, view: GsfView, train: np.ndarray, test: np.ndarray, columns: np.ndarray,
+                      train_targets: np.ndarray, test_targets: np.ndarray, device) -> dict:
+    """Table IV: nearest-neighbour scores by GSF and by f_t, both computed block by block."""
+    def mean(t):
+        return mean_score(t) if label == "distribution" else t
+
+    results = {}
+    for name, as_feature in (("gsf", False), ("teacher_feature", True)):
+        def rows(hashes: np.ndarray, as_feature=as_feature) -> np.ndarray:
+            gsf = view.features(hashes, columns)
+            return infer(model, label, gsf, device)[0] if as_feature else gsf
+
+        scores = np.concatenate([matching_scores(lambda a, b: rows(train[a:b]), len(train), mean(train_targets),
+                                                 rows(test[start:start + READ_ROWS]), chunk=READ_ROWS)
+                                 for start in range(0, len(test), READ_ROWS)])
+        results[name] = evaluate_scores(scores, mean(test_targets))
+    return results
 
 
 def write_knowledge(store: FeatureStore, view: GsfView, entry: EntrySpec, spec: DistillerSpec, model,
@@ -174,6 +218,8 @@ def write_knowledge(store: FeatureStore, view: GsfView, entry: EntrySpec, spec: 
                                                                  for k, v in model.state_dict().items()}))
     for shard in writer.missing_shards():
         start, stop = layout.shard_range(shard)
-        f_t, pred = infer(model, spec.label, view.features(hashes[start:stop], columns), device)
+        parts = [infer(model, spec.label, view.features(hashes[a:min(a + READ_ROWS, stop)], columns), device)
+                 for a in range(start, stop, READ_ROWS)]  # GSF read block by block: a shard is many rows
+        f_t, pred = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
         writer.write_shard(shard, {"feature": f_t, spec.label: pred, HASH_ARRAY: hash_bytes(hashes[start:stop])})
     writer.finalize({"test": metrics["test"]})
