@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
@@ -60,6 +61,24 @@ class StoreURL:
         return self.prefix if self.scheme == "file" else f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
 
+#: Retries of S3 requests (5xx incl. SlowDown, resets, timeouts), for the store and image reads alike.
+#: obstore retries with exponential backoff and jitter; these variables bound it.
+RETRIES_ENV, RETRY_TIMEOUT_ENV = "AKD_S3_MAX_RETRIES", "AKD_S3_RETRY_TIMEOUT_S"
+DEFAULT_RETRIES, DEFAULT_RETRY_TIMEOUT_S = 10, 180.0
+
+
+def retry_config() -> dict[str, Any]:
+    """obstore's retry config from ``$AKD_S3_MAX_RETRIES`` and ``$AKD_S3_RETRY_TIMEOUT_S``."""
+    try:
+        retries = int(os.environ.get(RETRIES_ENV, DEFAULT_RETRIES))
+        timeout = float(os.environ.get(RETRY_TIMEOUT_ENV, DEFAULT_RETRY_TIMEOUT_S))
+    except ValueError:
+        raise StoreError(f"{RETRIES_ENV} must be an integer and {RETRY_TIMEOUT_ENV} a number of seconds") from None
+    return {"max_retries": retries, "retry_timeout": timedelta(seconds=timeout),
+            "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=15),
+                        "base": 2.0}}
+
+
 def _s3_store(url: StoreURL) -> S3Store:
     """An obstore S3Store configured from boto3's credential/endpoint/region resolution."""
     import boto3
@@ -83,7 +102,7 @@ def _s3_store(url: StoreURL) -> S3Store:
     from obstore.auth.boto3 import Boto3CredentialProvider
 
     return S3Store(url.bucket, prefix=url.prefix or None, config=config,
-                   client_options={"allow_http": endpoint.startswith("http://")},
+                   client_options={"allow_http": endpoint.startswith("http://")}, retry_config=retry_config(),
                    credential_provider=Boto3CredentialProvider(session))
 
 

@@ -46,6 +46,11 @@ from trainers.weights import WeightsError
 
 JOB = "extract"
 CHUNK_ROWS = 32
+SHARD_RETRIES = 3  # attempts per shard task after the first, and actor restarts
+
+
+class ShardsFailed(RuntimeError):
+    """Shards that could not be computed even after retries; they stay uncommitted."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,12 @@ def main(cfg: ExtractConfig) -> dict:
                 uris = segment_uris(todo, table.sha256, table.uris)
                 forward_passes, shard_seconds = run_shards(cfg, store.url, spec, layout, todo, uris, missing,
                                                            use_gpu, progress)
+            if failed := writer.missing_shards():
+                raise ShardsFailed(
+                    f"segment {spec.key}: {len(failed)} of {layout.num_shards} shard(s) could not be computed after "
+                    f"{SHARD_RETRIES} retries (shards {failed[:10]}{', …' if len(failed) > 10 else ''}); the "
+                    "others are committed. Rerun the same command to retry exactly those; the errors are above "
+                    "and in Ray's worker logs")
             writer.finalize({"summary": summary})
             done = store.open(spec.key)
         else:
@@ -178,9 +189,17 @@ def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, ha
         tasks.append({"task": json.dumps({"shard": shard, "start": start, "uris": uris[start:stop],
                                           "sha256": hexes[start:stop]})})
     workers = min(cfg.workers, len(shards))
+    # A shard is idempotent until committed, so a failed shard task is retried, a lost actor is
+    # replaced, and a shard that fails for good is dropped here and reported by the caller (it
+    # stays uncommitted, so a rerun retries exactly it) instead of aborting the other shards.
+    context = ray.data.DataContext.get_current()
+    context.actor_task_retry_on_errors = True
+    context.max_errored_blocks = -1
+    context.max_consecutive_actor_init_deaths = SHARD_RETRIES
     results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
         ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_worker,
+        max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES,
         fn_constructor_kwargs={"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
                                "backbones": list(cfg.backbones), "weights": cfg.weights,
                                "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
@@ -197,4 +216,4 @@ def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, ha
 
 if __name__ == "__main__":
     sys.exit(run_job(JOB, ExtractConfig, main, user_errors=(
-        BackboneError, WeightsError, DatasetError, SplitError, StoreError, SourceError, SpecMismatch)))
+        BackboneError, WeightsError, DatasetError, SplitError, StoreError, SourceError, SpecMismatch, ShardsFailed)))

@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 #: logs or results.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ALLOW_HTTP", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AKD_CACHE_DIR", "HF_HUB_OFFLINE")
+                 "AKD_CACHE_DIR", "AKD_S3_MAX_RETRIES", "AKD_S3_RETRY_TIMEOUT_S", "HF_HUB_OFFLINE")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None):

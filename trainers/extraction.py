@@ -9,8 +9,10 @@ The teacher sees each image at full resolution. Images of identical size are bat
 one, so no padding ever leaks into the pooled features. Grouping depends only on the shard's
 contents, so recomputing a shard reproduces it bit for bit on the same hardware.
 
-Every row ends up either ok or failed with a reason (missing file, changed bytes, undecodable,
-forward error, non-finite features); the job never stops for one bad image.
+Every row ends up either ok or failed with a reason that belongs to the image (missing file,
+changed bytes, undecodable, forward error, non-finite features); the job never stops for one bad
+image. An I/O error that is not "the object is gone" fails the shard instead, so a transient
+fault is retried and never becomes a permanent failed row.
 """
 
 from __future__ import annotations
@@ -126,8 +128,10 @@ class ShardExtractor:
                 return i, None, f"missing file {uri} (absent when the dataset was indexed)"
             try:
                 data = sources.read_bytes(uri)
-            except sources.SourceError as exc:
+            except sources.MissingSourceError as exc:  # gone (404): a property of the dataset, a failed row
                 return i, None, f"cannot read {uri}: {exc}"
+            # any other read error (5xx after the client's retries, a reset, EIO) propagates: the
+            # shard stays uncommitted and is retried, never recorded as a failed row
             if hashlib.sha256(data).hexdigest() != digest:
                 return i, None, f"{uri} changed since the dataset was indexed (sha256 differs); re-index it"
             return i, data, None
