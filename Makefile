@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The fault-injecting S3 proxy of the fault tests: mitmproxy in a venv of its own, because its
+# pins (h11, cryptography) conflict with huggingface_hub's and moto's.
+PROXY_VENV := .venv-proxy
+PROXY_STAMP := $(PROXY_VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install proxy demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +18,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(PROXY_STAMP):
+	test -x $(PROXY_VENV)/bin/python || $(PYTHON) -m venv $(PROXY_VENV)
+	$(PROXY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PROXY_VENV)/bin/python -m pip install --quiet mitmproxy==11.0.2
+	touch $(PROXY_STAMP)
+
+proxy: $(PROXY_STAMP)
+
 # Main job on the embedded default (local directory store, local Ray, CPU): demo data → teacher
 # features → knowledge → students with and without KD (3 seeds) → report/. About 11 minutes on
 # 2 cores; a second `make demo` reuses everything and only re-renders the report.
@@ -21,11 +33,11 @@ demo: $(STAMP)
 	$(PY) -m ray_jobs.pipeline --config configs/demo.yaml
 
 # Default test run: everything except tests marked slow or gpu.
-test: $(STAMP)
+test: $(STAMP) $(PROXY_STAMP)
 	$(PY) -m pytest -m "not slow and not gpu" -q
 
 # Everything CPU can run, slow tests included.
-test-all: $(STAMP)
+test-all: $(STAMP) $(PROXY_STAMP)
 	$(PY) -m pytest -m "not gpu" -q
 
 bench: $(STAMP)
@@ -35,4 +47,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/student_loader.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(PROXY_VENV) .pytest_cache .hypothesis

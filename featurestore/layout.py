@@ -8,7 +8,10 @@ One entry = one Zarr v3 group named by its key::
     <key>/status/...             per-row uint8: 0 never written, 1 ok, 2 failed (reason in the commit record)
     <key>/docs/<name>.json       JSON documents (dataset manifest, metrics, ...)
     <key>/blobs/<name>           opaque files (e.g. safetensors weights)
-    <key>/_commits/<shard>.json  one per shard, created after the shard's rows are written
+    <key>/_attempts/<shard>/<attempt>/<array>
+                                 one write attempt's encoded shard objects, staged before its claim
+    <key>/_claims/<shard>.json   one per shard, created-if-absent: names the attempt whose bytes win
+    <key>/_commits/<shard>.json  one per shard, created after the winner's objects are in place
     <key>/manifest.json          the final manifest, created last: the entry is complete iff it exists
 
 Every array shares the same row sharding, so shard ``i`` is rows
@@ -131,6 +134,21 @@ def commit_path(key: str, shard: int) -> str:
 
 def commits_prefix(key: str) -> str:
     return f"{key}/_commits/"
+
+
+def claim_path(key: str, shard: int) -> str:
+    """The record naming the one write attempt whose bytes become shard ``shard`` (writer.py)."""
+    return f"{key}/_claims/{shard:06d}.json"
+
+
+def attempts_prefix(key: str, shard: int | None = None) -> str:
+    """Staged objects of write attempts: of one shard, or (``None``) of every shard."""
+    return f"{key}/_attempts/" if shard is None else f"{key}/_attempts/{shard:06d}/"
+
+
+def attempt_object_path(key: str, shard: int, attempt: str, array: ArraySpec) -> str:
+    """One attempt's staged copy of one array's shard object (same bytes as the zarr object)."""
+    return f"{attempts_prefix(key, shard)}{attempt}/{array.name}"
 
 
 def doc_path(key: str, name: str) -> str:

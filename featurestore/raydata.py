@@ -3,6 +3,9 @@
 Ray Train workers stream an entry with ``ds = read_entry(url, key)`` passed as a trainer dataset;
 each block is one shard (``row`` column plus the requested arrays), so the store's locality
 carries over to Ray Data's scheduling. Imported only where Ray is wanted.
+
+A damaged committed shard fails its read task with :class:`featurestore.reader.CorruptEntry`
+(never a block of zeros); Ray re-raises it on the driver, naming the array and shard.
 """
 
 from __future__ import annotations
@@ -13,15 +16,16 @@ import numpy as np
 from ray.data import Dataset, Datasource, ReadTask, read_datasource
 from ray.data.block import BlockAccessor, BlockMetadata
 
+from .reader import EntryReader
 from .store import FeatureStore
 
 
 class EntryDatasource(Datasource):
     """Rows of a complete entry. Workers open the store themselves, so only URL and key travel."""
 
-    def __init__(self, url: str, key: str, arrays: Sequence[str] | None = None):
+    def __init__(self, url: str, key: str, arrays: Sequence[str] | None = None, verify_checksums: bool = False):
         reader = FeatureStore(url, create=False).open(key)
-        self.url, self.key = url, key
+        self.url, self.key, self.verify_checksums = url, key, verify_checksums
         self.arrays = list(reader.array_names if arrays is None else arrays)
         self.layout = reader.layout
         widths = {a.name: a for a in reader.layout.all_arrays}
@@ -36,12 +40,13 @@ class EntryDatasource(Datasource):
         return [self._task(shard) for shard in range(self.layout.num_shards)]
 
     def _task(self, shard: int) -> ReadTask:
-        url, key, arrays = self.url, self.key, self.arrays
+        url, key, arrays, verify_checksums = self.url, self.key, self.arrays, self.verify_checksums
         start, stop = self.layout.shard_range(shard)
 
         def read() -> Iterable:
-            reader = FeatureStore(url, create=False).open(key)
-            batch = {"row": np.arange(start, stop, dtype=np.int64), **reader.read_range(start, stop, arrays)}
+            backend = FeatureStore(url, create=False).backend
+            with EntryReader(backend, key, verify_checksums=verify_checksums) as reader:
+                batch = {"row": np.arange(start, stop, dtype=np.int64), **reader.read_range(start, stop, arrays)}
             yield BlockAccessor.batch_to_block(batch)
 
         metadata = BlockMetadata(num_rows=stop - start, size_bytes=(stop - start) * self._row_bytes,
@@ -49,6 +54,6 @@ class EntryDatasource(Datasource):
         return ReadTask(read, metadata)
 
 
-def read_entry(url: str, key: str, arrays: Sequence[str] | None = None) -> Dataset:
-    """A Ray Dataset of an entry's rows, one block per shard."""
-    return read_datasource(EntryDatasource(url, key, arrays))
+def read_entry(url: str, key: str, arrays: Sequence[str] | None = None, verify_checksums: bool = False) -> Dataset:
+    """A Ray Dataset of an entry's rows, one block per shard (``verify_checksums``: see EntryReader)."""
+    return read_datasource(EntryDatasource(url, key, arrays, verify_checksums))

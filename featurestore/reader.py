@@ -2,24 +2,104 @@
 
 from __future__ import annotations
 
+import re
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import obstore
 import zarr
+from obstore.exceptions import NotFoundError
+from zarr.storage import WrapperStore
 
 from .backends import Backend
-from .layout import (STATUS_ARRAY, STATUS_FAILED, EntryLayout, blob_path, commit_path, doc_path,
-                     entry_path, manifest_path, shard_object_path)
+from .layout import (STATUS_ARRAY, STATUS_FAILED, ArraySpec, EntryLayout, blob_path, commit_path,
+                     commits_prefix, doc_path, entry_path, manifest_path, shard_object_path)
 from .partition import Span, World, plan_for
-from .shardcodec import ShardDecoder
+from .shardcodec import CorruptShard, ShardDecoder
 from .specs import EntrySpec
+from .writer import block_checksum
+
+
+_UNCOMMITTED_TTL_S = 1.0  # how long "shard not committed" is trusted (writers may commit it any time)
 
 
 class EntryNotFound(LookupError):
     """No entry with that key in the store (or it is not complete and completeness was required)."""
+
+
+class CorruptEntry(RuntimeError):
+    """A *committed* shard of an entry cannot be read as committed: its object is missing,
+    truncated, of the wrong size, undecodable or (with ``verify_checksums``) differs from its
+    commit record. Reads never substitute fill values for committed data; they raise this.
+
+    ``store``, ``key``, ``array``, ``shard`` and ``problem`` say what and where; the message tells
+    what to do. ``array`` is ``None`` when the problem is the shard's commit record itself.
+    """
+
+    def __init__(self, store: str, key: str, array: str | None, shard: int, problem: str):
+        self.store, self.key, self.array, self.shard, self.problem = store, key, array, shard, problem
+        where = f"array {array!r} shard {shard}" if array is not None else f"shard {shard}"
+        super().__init__(f"store {store}: entry {key}: {where}: {problem}. The entry is damaged; run "
+                         f"`featurestore verify {store} {key}` and rewrite the entry (delete it and "
+                         "rerun the job that writes it)")
+
+    def __reduce__(self):  # picklable across processes (Ray tasks) with its fields intact
+        return type(self), (self.store, self.key, self.array, self.shard, self.problem)
+
+
+class _CheckedStore(WrapperStore):
+    """The zarr store under an entry's arrays: a committed shard whose object is absent raises
+    :class:`CorruptEntry` instead of reading back as fill values (zarr's rule for absent chunks)."""
+
+    def __init__(self, store, reader: EntryReader):
+        super().__init__(store)
+        self._reader = reader
+        names = "|".join(re.escape(a.name) for a in reader.layout.all_arrays)
+        self._pattern = re.compile(rf"{re.escape(reader.key)}/({names})/c/(\d+)(?:/0)?")
+
+    def _with_store(self, store):
+        return type(self)(store, self._reader)
+
+    async def _check_size(self, key: str) -> tuple[str, int] | None:
+        """For a shard object key: its (array, shard), size-checked once per reader. The read
+        methods check before calling zarr, so this costs a set lookup unless zarr is used directly."""
+        match = self._pattern.fullmatch(key)
+        if match is None:
+            return None
+        name, shard = match.group(1), int(match.group(2))
+        reader = self._reader
+        if (name, shard) not in reader._checked and reader._expected_size(name, shard) is not None:
+            try:
+                size = await self._store.getsize(key)
+            except (NotFoundError, FileNotFoundError):
+                size = None
+            reader._check_size(name, shard, size)
+            reader._checked.add((name, shard))
+        return name, shard
+
+    def _check_absent(self, shard_of_key: tuple[str, int] | None) -> None:
+        if shard_of_key is not None:  # absent since it was checked: deleted while being read
+            self._reader._raise_if_committed(*shard_of_key, "is missing from the store")
+
+    async def get(self, key, prototype, byte_range=None):
+        shard_of_key = await self._check_size(key)
+        value = await self._store.get(key, prototype, byte_range)
+        if value is None:
+            self._check_absent(shard_of_key)
+        return value
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        shards_of_keys = [await self._check_size(key) for key, _ in key_ranges]
+        values = await self._store.get_partial_values(prototype, key_ranges)
+        for shard_of_key, value in zip(shards_of_keys, values):
+            if value is None:
+                self._check_absent(shard_of_key)
+        return values
 
 
 @dataclass
@@ -35,10 +115,20 @@ class Block:
 
 
 class EntryReader:
-    """Read access to one entry. Open it with :meth:`FeatureStore.open`."""
+    """Read access to one entry. Open it with :meth:`FeatureStore.open`.
 
-    def __init__(self, backend: Backend, key: str, require_complete: bool = True):
+    Every read checks the shard objects it touches against the shards' commit records (cached
+    per reader): a committed shard whose object is missing, truncated or of another size raises
+    :class:`CorruptEntry`, never fill values. Whole-shard streaming reads get that check from the
+    bytes they fetch; other reads HEAD each touched object once per reader. With
+    ``verify_checksums`` whole-shard reads (and :meth:`status`) also compare the content
+    checksum with the commit record, at the cost of hashing every byte.
+    """
+
+    def __init__(self, backend: Backend, key: str, require_complete: bool = True,
+                 verify_checksums: bool = False):
         self.backend, self.key = backend, key
+        self.verify_checksums = verify_checksums
         record = backend.read_json(entry_path(key))
         if record is None:
             raise EntryNotFound(f"no entry {key!r} in store {backend.url}; list entries with "
@@ -53,6 +143,125 @@ class EntryReader:
         self._arrays: dict[str, zarr.Array] = {}
         self._decoders: dict[str, ShardDecoder | None] = {}
         self._pool: ThreadPoolExecutor | None = None
+        self._specs: dict[str, ArraySpec] = {a.name: a for a in self.layout.all_arrays}
+        self._commits: dict[int, dict[str, Any]] = {}  # shard → commit record (immutable once created)
+        self._checked: set[tuple[str, int]] = set()  # (array, shard) whose object size matched
+        self._uncommitted: dict[int, float] = {}  # shard → when it was last seen without a record
+
+    # -- integrity of committed shards -----------------------------------------------------------
+
+    def _corrupt(self, array: str | None, shard: int, problem: str) -> CorruptEntry:
+        return CorruptEntry(str(self.backend.url), self.key, array, shard, problem)
+
+    def _commit(self, shard: int) -> dict[str, Any] | None:
+        """The shard's commit record, or ``None`` if it is not committed (an incomplete entry).
+        In a complete entry every shard is committed, so a missing record is corruption."""
+        record = self._commits.get(shard)
+        if record is None:
+            seen = self._uncommitted.get(shard)
+            if seen is not None and time.monotonic() - seen < _UNCOMMITTED_TTL_S:
+                return None  # a scan of an incomplete entry asks once, not once per inner chunk
+            record = self.backend.read_json(commit_path(self.key, shard))
+            if record is None:
+                if self.manifest is not None:
+                    raise self._corrupt(None, shard, f"its commit record {commit_path(self.key, shard)} is "
+                                                     "missing although the entry is complete")
+                self._uncommitted[shard] = time.monotonic()
+                return None
+            if not isinstance(record.get("stored_bytes"), dict) or not isinstance(record.get("checksums"), dict):
+                raise self._corrupt(None, shard, f"its commit record {commit_path(self.key, shard)} is malformed")
+            self._commits[shard] = record
+        return record
+
+    def _expected_size(self, name: str, shard: int) -> int | None:
+        """``stored_bytes`` of a committed shard's object, ``None`` for an uncommitted shard."""
+        record = self._commit(shard)
+        if record is None:
+            return None
+        if name not in record["stored_bytes"]:
+            raise self._corrupt(name, shard, "its commit record has no stored size for this array")
+        return int(record["stored_bytes"][name])
+
+    def _raise_if_committed(self, name: str, shard: int, problem: str) -> None:
+        if self._expected_size(name, shard) is not None:
+            path = shard_object_path(self.key, self._specs[name], shard)
+            raise self._corrupt(name, shard, f"object {path} {problem}")
+
+    def _check_size(self, name: str, shard: int, size: int | None) -> int | None:
+        """Raise unless a committed shard's object has its committed size (``None``: absent)."""
+        expected = self._expected_size(name, shard)
+        if expected is None:
+            return None
+        path = shard_object_path(self.key, self._specs[name], shard)
+        if size is None:
+            raise self._corrupt(name, shard, f"object {path} is missing from the store")
+        if size != expected:
+            raise self._corrupt(name, shard, f"object {path} has {size} bytes, its commit record says "
+                                             f"{expected} (truncated or overwritten)")
+        return expected
+
+    def _check_objects(self, name: str, shards: Iterable[int]) -> None:
+        """HEAD each committed shard's object once per reader and compare it with its record."""
+        for shard in shards:
+            shard = int(shard)
+            if (name, shard) in self._checked:
+                continue
+            if self._expected_size(name, shard) is None:
+                continue  # not committed: zarr's fill value is the truth ("never written")
+            path = shard_object_path(self.key, self._specs[name], shard)
+            try:
+                size = int(obstore.head(self.backend.objects, path)["size"])
+            except (NotFoundError, FileNotFoundError):
+                size = None
+            self._check_size(name, shard, size)
+            self._checked.add((name, shard))
+
+    def _zarr_read(self, name: str, shards: Iterable[int], read, checked: bool = False) -> np.ndarray:
+        """``read(zarr array)`` after checking the objects of ``shards``. If zarr fails (e.g. an
+        index CRC error: the object changed since this reader checked it), the objects are
+        checked afresh so that damage surfaces as :class:`CorruptEntry`."""
+        shards = [int(s) for s in shards]
+        if not checked:
+            self._check_objects(name, shards)
+        try:
+            return read(self.array(name))
+        except CorruptEntry:
+            raise
+        except Exception:
+            self._checked.difference_update((name, s) for s in shards)
+            self._check_objects(name, shards)
+            raise
+
+    def _check_all_objects(self) -> list[int]:
+        """Every array's object of every committed shard exists with its committed size (one
+        listing per array, commit records fetched in parallel). Returns the committed shards."""
+        if self.manifest is not None:
+            shards = list(range(self.layout.num_shards))
+        else:
+            shards = sorted(int(o["path"].rsplit("/", 1)[-1].split(".")[0])
+                            for o in self.backend.list(commits_prefix(self.key)))
+            shards = [s for s in shards if s < self.layout.num_shards]
+        todo = [s for s in shards if s not in self._commits]
+        if len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
+                list(pool.map(self._commit, todo))
+        for spec in self.layout.all_arrays:
+            if all((spec.name, s) in self._checked for s in shards):
+                continue
+            sizes = {o["path"]: int(o["size"]) for o in self.backend.list(f"{self.key}/{spec.name}/c/")}
+            for shard in shards:
+                self._check_size(spec.name, shard, sizes.get(shard_object_path(self.key, spec, shard)))
+                self._checked.add((spec.name, shard))
+        return shards
+
+    def _check_checksum(self, name: str, shard: int, block: np.ndarray) -> None:
+        record = self._commit(shard)
+        if record is None:
+            return
+        expected = record["checksums"].get(name)
+        if expected is None or block_checksum(block) != expected:
+            raise self._corrupt(name, shard, "its content checksum differs from the commit record "
+                                             "(the object was overwritten or bits flipped)")
 
     @property
     def rows(self) -> int:
@@ -66,7 +275,8 @@ class EntryReader:
         if name not in self._arrays:
             if name not in self.array_names and name != STATUS_ARRAY:
                 raise KeyError(f"entry {self.key} has no array {name!r}; it has {self.array_names}")
-            self._arrays[name] = zarr.open_array(self.backend.zarr_store, path=f"{self.key}/{name}", mode="r")
+            self._arrays[name] = zarr.open_array(_CheckedStore(self.backend.zarr_store, self),
+                                                 path=f"{self.key}/{name}", mode="r")
         return self._arrays[name]
 
     def _names(self, arrays: Sequence[str] | None) -> list[str]:
@@ -85,13 +295,31 @@ class EntryReader:
         whole_shard = start < self.rows and (start, stop) == self.layout.shard_range(shard)
         decoder = self._decoder(name) if whole_shard else None
         if decoder is None:
-            return self.array(name)[start:stop]
-        spec = {a.name: a for a in self.layout.all_arrays}[name]
-        data = self.backend.read_buffer(shard_object_path(self.key, spec, shard))
-        if data is None:
-            raise FileNotFoundError(f"entry {self.key}: shard {shard} of {name!r} is missing from the store; "
-                                    f"run `python -m featurestore verify {self.backend.url} {self.key}`")
-        return decoder.decode(data, stop - start)
+            shards = range(shard, (stop - 1) // self.layout.shard_rows + 1) if start < stop else range(0)
+            block = self._zarr_read(name, shards, lambda arr: arr[start:stop])
+        else:
+            block = self._read_whole_shard(name, shard, decoder, stop - start)
+        if whole_shard and self.verify_checksums:
+            self._check_checksum(name, shard, block)
+        return block
+
+    def _read_whole_shard(self, name: str, shard: int, decoder: ShardDecoder, rows: int) -> np.ndarray:
+        """The fast path: one GET, its length checked against the commit record, one decode."""
+        path = shard_object_path(self.key, self._specs[name], shard)
+        try:
+            data = self.backend.read_buffer(path)
+        except FileNotFoundError:  # obstore's S3 "not found" is a FileNotFoundError read_buffer lets through
+            data = None
+        committed = self._check_size(name, shard, None if data is None else len(data)) is not None
+        if data is None:  # not committed either: an incomplete entry's unwritten shard
+            raise FileNotFoundError(f"entry {self.key}: shard {shard} of {name!r} is not written yet; "
+                                    f"run `featurestore verify {self.backend.url} {self.key}`")
+        try:
+            return decoder.decode(data, rows)
+        except CorruptShard as exc:
+            if not committed:
+                raise
+            raise self._corrupt(name, shard, f"object {path} does not decode: {exc}") from None
 
     def _decoder(self, name: str) -> ShardDecoder | None:
         if name not in self._decoders:
@@ -105,12 +333,13 @@ class EntryReader:
         if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
             raise IndexError(f"row indices outside entry of {self.rows} rows")
         unique, inverse = np.unique(rows, return_inverse=True)
+        shards = np.unique(self.layout.shard_of(unique))
         out = {}
         for name in self._names(arrays):
             arr = self.array(name)
             selection = (unique,) + (slice(None),) * (arr.ndim - 1)
-            out[name] = arr.get_orthogonal_selection(selection)[inverse] if rows.size else \
-                np.empty((0,) + arr.shape[1:], arr.dtype)
+            out[name] = self._zarr_read(name, shards, lambda a: a.get_orthogonal_selection(selection))[inverse] \
+                if rows.size else np.empty((0,) + arr.shape[1:], arr.dtype)
         return out
 
     def read_span(self, span: Span, arrays: Sequence[str] | None = None) -> Block:
@@ -120,14 +349,22 @@ class EntryReader:
     # -- per-row status and documents ---------------------------------------------------------------
 
     def status(self) -> np.ndarray:
-        return self.array(STATUS_ARRAY)[:]
+        """Per-row status. First checks that every array's object of every committed shard is
+        there with its committed size: a row's status is only as good as its data."""
+        shards = self._check_all_objects()
+        status = self._zarr_read(STATUS_ARRAY, shards, lambda arr: arr[:], checked=True)
+        if self.verify_checksums:
+            for shard in shards:
+                start, stop = self.layout.shard_range(shard)
+                self._check_checksum(STATUS_ARRAY, shard, status[start:stop])
+        return status
 
     def failures(self) -> dict[int, str]:
         """Global row → reason, for every failed row (from the shards' commit records)."""
         failed = np.flatnonzero(self.status() == STATUS_FAILED)
         reasons: dict[int, str] = {}
         for shard in np.unique(self.layout.shard_of(failed)):
-            record = self.backend.read_json(commit_path(self.key, int(shard))) or {}
+            record = self._commit(int(shard)) or {}
             reasons.update({int(k): v for k, v in record.get("failures", {}).items()})
         return reasons
 

@@ -5,27 +5,55 @@ Protocol (see layout.py for the paths):
 1. ``entry.json`` is *created-if-absent*. A process that loses the race reads the winner's copy
    and proceeds only if it describes the same spec and layout. Zarr metadata is then written by
    everyone: it is a pure function of the layout, so concurrent writes store identical bytes.
-2. A shard is written whole by one writer (the unit of work), then its commit record is created.
-   Readers and ``verify`` trust only shards with a commit record. Rewriting an uncommitted shard
-   is idempotent, so a writer killed mid-shard leaves nothing that needs cleaning up.
-3. ``finalize`` creates ``manifest.json`` once every shard has a commit record. It is the last
-   object written; its existence is what "complete" means.
+2. A shard is written whole by one writer (the unit of work) in four steps. Several *attempts*
+   may race on one shard (a retried task while the first still runs) and need not produce the
+   same bytes (GPU nondeterminism), so exactly one attempt's bytes may ever reach the shard:
+
+   a. **Stage.** The attempt encodes the shard in memory through zarr (the entry's own array
+      metadata, ``write_empty_chunks`` on, so every shard is an object, even an all-zero one)
+      and puts each array's shard object under ``_attempts/<shard>/<attempt id>/`` (a fresh
+      UUID per call: no other writer ever writes there, so staged objects are immutable).
+   b. **Claim.** It then *creates-if-absent* ``_claims/<shard>.json`` naming its attempt, its
+      staged objects (sizes, SHA-256) and the commit record to be. The first claim wins, for
+      good: claims are never rewritten or deleted (only with the whole entry). A loser deletes
+      its staged objects, discards its rows and carries on with the winning claim.
+   c. **Publish.** Whoever holds a claim (the winner, a loser, or a later writer resuming the
+      entry after the winner died) copies the *claimed* attempt's staged objects to the canonical
+      zarr paths ``<array>/c/<shard>[/0]`` (atomic: S3 CopyObject, a hard link + rename locally).
+      Nothing else ever writes a canonical shard path, so every write to it stores the same bytes.
+   d. **Commit.** Then it creates-if-absent ``_commits/<shard>.json`` (the claim's record, so all
+      completers agree byte for byte) and deletes the shard's staged objects.
+
+   Readers and ``verify`` trust only shards with a commit record. The record exists only after
+   every canonical object holds the claimed bytes, and later writes store those same bytes, so
+   a committed shard never changes. A writer killed before its claim leaves only staged objects
+   (removed when the shard commits, by ``finalize``, or with the entry by ``gc``); one killed
+   after its claim leaves a claimed, uncommitted shard that the next writer of that shard
+   publishes and commits from the staged objects.
+3. ``finalize`` creates ``manifest.json`` once every shard has a commit record, after deleting
+   any leftover staged objects. It is the last object written; its existence is what
+   "complete" means.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+import obstore
 import zarr
+import zarr.storage
+from obstore.exceptions import NotFoundError
+from zarr.buffer import default_buffer_prototype
 
 from .backends import Backend
-from .layout import (STATUS_ARRAY, STATUS_FAILED, STATUS_MISSING, STATUS_OK, EntryLayout, blob_path,
-                     commit_path, commits_prefix, doc_path, entry_path, make_compressors, manifest_path,
-                     shard_object_path)
+from .layout import (STATUS_ARRAY, STATUS_FAILED, STATUS_MISSING, STATUS_OK, EntryLayout, attempt_object_path,
+                     attempts_prefix, blob_path, claim_path, commit_path, commits_prefix, doc_path, entry_path,
+                     make_compressors, manifest_path, shard_object_path)
 from .specs import EntrySpec
 
 
@@ -94,7 +122,9 @@ def _same_entry(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 class EntryWriter:
     """Writes one entry. Create it with :meth:`FeatureStore.create`; any number may exist at once
-    (one per worker process), as long as each shard is written by only one of them."""
+    (one per worker process), each shard normally written by only one of them. Attempts that do
+    race on a shard are safe: one attempt's rows win, whole, and the shard never changes once
+    committed (module docstring, step 2)."""
 
     def __init__(self, backend: Backend, spec: EntrySpec, layout: EntryLayout,
                  attrs: Mapping[str, Any] | None = None):
@@ -117,21 +147,26 @@ class EntryWriter:
             # open-or-create is check-then-put: a racing writer created the group in between. Its
             # metadata is the same pure function of the record, so open what it wrote.
             group = zarr.open_group(self.backend.zarr_store, path=self.key, mode="r+")
+        # ``config`` is a runtime setting of one Array object, not stored in zarr.json: zarr drops it
+        # on every reopen (``group[name]``, ``open_array(config=...)``) and falls back to the global
+        # ``write_empty_chunks=False``, which omits all-fill inner chunks and whole all-fill shards.
+        # So it is set on each opened array, and shards are encoded from these arrays' metadata.
         arrays = {}
         for spec in self.layout.all_arrays:
             chunk = (self.layout.chunk_rows, spec.width) if spec.width else (self.layout.chunk_rows,)
             shard = (self.layout.shard_rows, spec.width) if spec.width else (self.layout.shard_rows,)
             if spec.name in group:
-                arrays[spec.name] = group[spec.name]
-                continue
-            try:
-                arrays[spec.name] = group.create_array(
-                    spec.name, shape=spec.shape(self.layout.rows), dtype=spec.dtype, chunks=chunk,
-                    shards=shard, compressors=make_compressors(self.layout.codec), fill_value=0,
-                    # every committed shard must exist as an object, even an all-zero one
-                    config={"write_empty_chunks": True}, overwrite=False)
-            except zarr.errors.ContainsArrayError:  # a racing writer created it a moment ago
-                arrays[spec.name] = group[spec.name]
+                array = group[spec.name]
+            else:
+                try:
+                    array = group.create_array(
+                        spec.name, shape=spec.shape(self.layout.rows), dtype=spec.dtype, chunks=chunk,
+                        shards=shard, compressors=make_compressors(self.layout.codec), fill_value=0,
+                        overwrite=False)
+                except zarr.errors.ContainsArrayError:  # a racing writer created it a moment ago
+                    array = group[spec.name]
+            # every committed shard must exist as an object, even an all-zero one
+            arrays[spec.name] = array.with_config({"write_empty_chunks": True})
         return arrays
 
     # -- state -----------------------------------------------------------------------------------
@@ -167,7 +202,9 @@ class EntryWriter:
 
         ``status`` defaults to ok for every row, or failed for the rows in ``failures`` (global
         row index → reason). Rows of failed images should hold zeros. Returns the commit; if the
-        shard was already committed, returns the existing commit without writing.
+        shard was already committed, returns the existing commit without writing. If another
+        attempt claimed the shard first (module docstring, step 2), these rows are discarded and
+        the returned commit is that attempt's.
         """
         existing = self.backend.read_json(commit_path(self.key, shard))
         if existing is not None:
@@ -185,22 +222,82 @@ class EntryWriter:
         failed_rows = {start + int(i) for i in np.flatnonzero(blocks[STATUS_ARRAY] == STATUS_FAILED)}
         if failed_rows != set(failures):
             raise ValueError(f"shard {shard}: rows marked failed must each have a reason in failures")
-        for name, block in blocks.items():
-            self._arrays[name][start:stop] = block
+        claim = self.backend.read_json(claim_path(self.key, shard))
+        if claim is None:
+            claim = self._stage_and_claim(shard, start, stop, blocks, failures)
+        return self._publish(shard, claim)
+
+    def _stage_and_claim(self, shard: int, start: int, stop: int, blocks: Mapping[str, np.ndarray],
+                         failures: Mapping[int, str]) -> dict[str, Any]:
+        """Steps 2a-b: stage this attempt's objects, then try to claim the shard for them.
+        Returns the claim that won (this attempt's or an earlier one's)."""
+        attempt = uuid.uuid4().hex
+        objects = {}
+        for spec, data in zip(self.layout.all_arrays, self._encode(shard, start, stop, blocks)):
+            path = attempt_object_path(self.key, shard, attempt, spec)
+            obstore.put(self.backend.objects, path, data)
+            objects[spec.name] = {"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         commit = ShardCommit(
             shard=shard, start=start, stop=stop,
             checksums={name: block_checksum(block) for name, block in blocks.items()},
-            stored_bytes=self._stored_bytes(shard),
+            stored_bytes={name: o["size"] for name, o in objects.items()},
             ok=int(np.sum(blocks[STATUS_ARRAY] == STATUS_OK)), failed=len(failures), failures=failures)
-        if not self.backend.create_json(commit_path(self.key, shard), commit.to_json()):
-            # Another writer committed this shard concurrently; the protocol makes shard contents a
-            # pure function of the inputs, so the two commits must agree.
-            theirs = ShardCommit.from_json(self.backend.read_json(commit_path(self.key, shard)))
-            if dict(theirs.checksums) != dict(commit.checksums):
-                raise EntryConflict(f"entry {self.key} shard {shard}: two writers wrote different rows; "
-                                    "run `featurestore verify` and rewrite the shard")
-            return theirs
-        return commit
+        claim = {"attempt": attempt, "objects": objects,
+                 "commit": {**commit.to_json(), "attempt": attempt,
+                            "object_sha256": {name: o["sha256"] for name, o in objects.items()}}}
+        if self.backend.create_json(claim_path(self.key, shard), claim):
+            return claim
+        # Another attempt claimed the shard first: its bytes win, ours are never published.
+        self._discard(f"{attempts_prefix(self.key, shard)}{attempt}/")
+        winner = self.backend.read_json(claim_path(self.key, shard))
+        if winner is None:
+            raise EntryConflict(f"entry {self.key} shard {shard}: its claim {claim_path(self.key, shard)} "
+                                "vanished (entry deleted while being written?); rerun the job")
+        return winner
+
+    def _encode(self, shard: int, start: int, stop: int, blocks: Mapping[str, np.ndarray]) -> list[bytes]:
+        """Each array's shard object, encoded by zarr from the entry's own array metadata in a
+        private in-memory store: exactly the bytes zarr would store at the canonical path."""
+        prototype = default_buffer_prototype()
+        out = []
+        for spec in self.layout.all_arrays:
+            path = f"{self.key}/{spec.name}"
+            meta = self._arrays[spec.name].metadata.to_buffer_dict(prototype)
+            memory: dict = {f"{path}/{name}": buffer for name, buffer in meta.items()}
+            array = zarr.open_array(zarr.storage.MemoryStore(memory), path=path, mode="r+")
+            array.with_config({"write_empty_chunks": True})[start:stop] = blocks[spec.name]
+            data = memory.get(shard_object_path(self.key, spec, shard))
+            if data is None:  # cannot happen with write_empty_chunks; never commit a missing object
+                raise RuntimeError(f"entry {self.key}: zarr wrote no object for shard {shard} of {spec.name!r}")
+            out.append(data.to_bytes())
+        return out
+
+    def _publish(self, shard: int, claim: Mapping[str, Any]) -> ShardCommit:
+        """Steps 2c-d for a claim: copy its staged objects to the canonical paths, then commit."""
+        record = claim["commit"]
+        if (existing := self.backend.read_json(commit_path(self.key, shard))) is not None:
+            return ShardCommit.from_json(existing)
+        for spec in self.layout.all_arrays:
+            try:
+                obstore.copy(self.backend.objects, claim["objects"][spec.name]["path"],
+                             shard_object_path(self.key, spec, shard))
+            except (NotFoundError, FileNotFoundError):
+                # staged objects are deleted only once the shard is committed
+                if (existing := self.backend.read_json(commit_path(self.key, shard))) is not None:
+                    return ShardCommit.from_json(existing)
+                raise EntryConflict(f"entry {self.key} shard {shard}: claimed by attempt {claim['attempt']} "
+                                    f"but its staged object {claim['objects'][spec.name]['path']} is gone; "
+                                    "delete the entry (featurestore gc) and rerun the job") from None
+        self.backend.create_json(commit_path(self.key, shard), record)  # lost: an identical record
+        self._discard(attempts_prefix(self.key, shard))
+        return ShardCommit.from_json(record)
+
+    def _discard(self, prefix: str) -> None:
+        """Best-effort removal of staged objects: leftovers are harmless and removed later."""
+        try:
+            self.backend.delete_prefix(prefix)
+        except Exception:  # noqa: BLE001 - e.g. a racing attempt staging into the same directory
+            pass
 
     def _validated(self, arrays: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         expected = {a.name: a for a in self.layout.arrays}
@@ -215,12 +312,6 @@ class EntryWriter:
             out[name] = np.ascontiguousarray(block.astype(spec.dtype, copy=False))
         return out
 
-    def _stored_bytes(self, shard: int) -> dict[str, int]:
-        import obstore
-
-        return {a.name: int(obstore.head(self.backend.objects, shard_object_path(self.key, a, shard))["size"])
-                for a in self.layout.all_arrays}
-
     def finalize(self, summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Create the final manifest once all shards are committed; idempotent and race-safe."""
         existing = self.backend.read_json(manifest_path(self.key))
@@ -230,6 +321,7 @@ class EntryWriter:
             raise IncompleteEntry(self.key, missing)
         commits = [ShardCommit.from_json(self.backend.read_json(commit_path(self.key, s)))
                    for s in range(self.layout.num_shards)]
+        self._discard(attempts_prefix(self.key))  # every shard is committed: staging is garbage
         manifest = {
             "key": self.key, "kind": self.spec.kind, "rows": self.layout.rows,
             "num_shards": self.layout.num_shards,

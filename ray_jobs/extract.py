@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -196,15 +197,17 @@ def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, ha
     context.actor_task_retry_on_errors = True
     context.max_errored_blocks = -1
     context.max_consecutive_actor_init_deaths = SHARD_RETRIES
-    results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-        ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-        num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_worker,
-        max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES,
-        fn_constructor_kwargs={"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
-                               "backbones": list(cfg.backbones), "weights": cfg.weights,
-                               "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
-                               "device": "cuda" if use_gpu else "cpu",
-                               "threads": max(1, int(cfg.cpus_per_worker))})
+    with warnings.catch_warnings():  # bounded retries need the remote args Ray 2.64 will rename; we pin 2.60
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+            ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_worker,
+            max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES,
+            fn_constructor_kwargs={"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
+                                   "backbones": list(cfg.backbones), "weights": cfg.weights,
+                                   "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
+                                   "device": "cuda" if use_gpu else "cpu",
+                                   "threads": max(1, int(cfg.cpus_per_worker))})
     forward_passes, shard_seconds = 0, 0.0
     for row in results.iter_rows():
         shard = json.loads(row["result"])
