@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/store_read.py
 	$(PY) benchmarks/extract.py
 	$(PY) benchmarks/student_loader.py
+	$(PY) benchmarks/reuse.py
+	$(PY) benchmarks/distill_memory.py
 
 clean:
 	rm -rf $(VENV) $(PROXY_VENV) .pytest_cache .hypothesis
