@@ -150,7 +150,7 @@ class Backend:
                 return None
         try:
             return obstore.get(self.objects, path).bytes()
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):  # obstore raises either, by backend and version
             return None
 
     def read_json(self, path: str) -> Any | None:

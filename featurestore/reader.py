@@ -306,10 +306,7 @@ class EntryReader:
     def _read_whole_shard(self, name: str, shard: int, decoder: ShardDecoder, rows: int) -> np.ndarray:
         """The fast path: one GET, its length checked against the commit record, one decode."""
         path = shard_object_path(self.key, self._specs[name], shard)
-        try:
-            data = self.backend.read_buffer(path)
-        except FileNotFoundError:  # obstore's S3 "not found" is a FileNotFoundError read_buffer lets through
-            data = None
+        data = self.backend.read_buffer(path)
         committed = self._check_size(name, shard, None if data is None else len(data)) is not None
         if data is None:  # not committed either: an incomplete entry's unwritten shard
             raise FileNotFoundError(f"entry {self.key}: shard {shard} of {name!r} is not written yet; "
