@@ -15,6 +15,7 @@ from pathlib import Path
 
 import boto3
 import numpy as np
+import pytest
 from fault_proxy import fault_proxy  # noqa: F401 - the fixture
 from image_data import good_images
 
@@ -79,6 +80,7 @@ def test_twenty_percent_faults_give_the_fault_free_entry(fault_proxy, s3_bucket,
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_an_outage_of_some_images_is_never_committed_as_failed_rows(fault_proxy, s3_bucket, tmp_path):  # noqa: F811
     images = upload_dataset(s3_bucket)
     down = list(images)[:3]

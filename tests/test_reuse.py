@@ -141,6 +141,7 @@ def test_a_moved_dataset_reuses_features_and_knowledge(ray_local, tmp_path, s3_b
     assert scored["n"] == test_rows == knowledge["test_rows"] and scored["failed"] == 0
 
 
+@pytest.mark.slow
 def test_a_killed_incremental_extraction_resumes_bit_exact(ray_local, tmp_path):
     rng = np.random.default_rng(7)
     images = {str(i): jpeg_bytes(rng, 192, 160) for i in range(224)}
