@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -193,28 +194,41 @@ def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, ha
     # A shard is idempotent until committed, so a failed shard task is retried, a lost actor is
     # replaced, and a shard that fails for good is dropped here and reported by the caller (it
     # stays uncommitted, so a rerun retries exactly it) instead of aborting the other shards.
-    context = ray.data.DataContext.get_current()
-    context.actor_task_retry_on_errors = True
-    context.max_errored_blocks = -1
-    context.max_consecutive_actor_init_deaths = SHARD_RETRIES
-    with warnings.catch_warnings():  # bounded retries need the remote args Ray 2.64 will rename; we pin 2.60
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-            ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-            num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_worker,
-            max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES,
-            fn_constructor_kwargs={"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
-                                   "backbones": list(cfg.backbones), "weights": cfg.weights,
-                                   "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
-                                   "device": "cuda" if use_gpu else "cpu",
-                                   "threads": max(1, int(cfg.cpus_per_worker))})
-    forward_passes, shard_seconds = 0, 0.0
-    for row in results.iter_rows():
-        shard = json.loads(row["result"])
-        forward_passes += shard["forward_passes"]
-        shard_seconds += shard["seconds"]
-        progress.add(shard["rows"])
-    return forward_passes, shard_seconds
+    with shard_retries(ray.data.DataContext.get_current()):
+        with warnings.catch_warnings():  # bounded retries need the remote args Ray 2.64 will rename; we pin 2.60
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+                ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+                num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_worker,
+                max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES,
+                fn_constructor_kwargs={"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
+                                       "backbones": list(cfg.backbones), "weights": cfg.weights,
+                                       "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
+                                       "device": "cuda" if use_gpu else "cpu",
+                                       "threads": max(1, int(cfg.cpus_per_worker))})
+        forward_passes, shard_seconds = 0, 0.0
+        for row in results.iter_rows():
+            shard = json.loads(row["result"])
+            forward_passes += shard["forward_passes"]
+            shard_seconds += shard["seconds"]
+            progress.add(shard["rows"])
+        return forward_passes, shard_seconds
+
+
+@contextmanager
+def shard_retries(context):
+    """Ray Data's retry settings for shard tasks, restored afterwards: the context is global to
+    the process, and other Ray Data users in it (a library caller, tests) must keep theirs."""
+    settings = {"actor_task_retry_on_errors": True, "max_errored_blocks": -1,
+                "max_consecutive_actor_init_deaths": SHARD_RETRIES}
+    saved = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ def test_mlsp_rows_match_a_direct_forward_and_rerun_reuses(ray_local, tmp_path):
     assert (first["rows"], first["ok"], first["failed"], first["reused"]) == (12, 12, 0, False)
     assert first["width"] == 64 + 64 + 128 + 256 + 512 and first["columns"] == {"resnet18": [0, 1024]}
     assert first["forward_passes"] > 0 and first["computed_rows"] == 12
+    import ray.data
+
+    assert ray.data.DataContext.get_current().max_errored_blocks == 0  # the job's retry settings were scoped
 
     ids, _, _, stored = view_rows(store, first["entry"])
     extractor = build_extractor(["resnet18"], "random:0", device="cpu")
