@@ -28,9 +28,35 @@ import zarr.storage
 from obstore.exceptions import AlreadyExistsError, NotFoundError
 from obstore.store import LocalStore, S3Store
 
+from .errors import UserError
 
-class StoreError(RuntimeError):
+
+class StoreError(UserError, RuntimeError):
     """A store that cannot be opened or used; the message says which URL and what to do."""
+
+
+class S3URLError(UserError, ValueError):
+    """A string that is not a usable ``s3://<bucket>/<key>`` URL; the message names it."""
+
+
+S3_URL_FORM = "s3://<bucket>/<key or prefix>"
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``"s3://bucket/a/b/"`` → ``("bucket", "a/b")``: the bucket and the key (or prefix), the key
+    without leading or trailing ``/`` (``""`` for the bucket's root).
+
+    The one parser of S3 URLs here. Not ``urllib.parse``: object keys may hold ``#``, ``?`` or
+    ``;``, which a URL parser would cut off. Raises :class:`S3URLError` naming the URL and the
+    expected form for anything else, including a bucket name shorter than S3 allows.
+    """
+    if not isinstance(url, str) or not url.startswith("s3://"):
+        raise S3URLError(f"{url!r} is not an S3 URL; expected {S3_URL_FORM}")
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if len(bucket) < 3:
+        raise S3URLError(f"S3 URL {url!r}: bucket name {bucket!r} is too short (S3 bucket names have 3–63 "
+                         f"characters); expected {S3_URL_FORM}")
+    return bucket, key.strip("/")
 
 
 @dataclass(frozen=True)
@@ -45,15 +71,15 @@ class StoreURL:
     def parse(cls, url: str) -> StoreURL:
         if not url:
             raise StoreError("empty store URL: give a local directory or s3://bucket/prefix")
-        parsed = urlparse(url)
+        parsed = urlparse(url)  # for the scheme only: an S3 prefix may hold '#' or '?'
+        if parsed.scheme == "s3":
+            try:
+                return cls("s3", *parse_s3_url(url))
+            except S3URLError as exc:
+                raise StoreError(str(exc)) from None
         if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
             path = parsed.path if parsed.scheme == "file" else url
             return cls("file", "", str(Path(path).expanduser().resolve()))
-        if parsed.scheme == "s3":
-            if len(parsed.netloc) < 3:
-                raise StoreError(f"store URL {url!r}: bucket name {parsed.netloc!r} is too short "
-                                 "(S3 bucket names have 3–63 characters)")
-            return cls("s3", parsed.netloc, parsed.path.strip("/"))
         raise StoreError(f"store URL {url!r}: unknown scheme {parsed.scheme!r}; "
                          "use a local directory or s3://bucket/prefix")
 

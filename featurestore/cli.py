@@ -1,7 +1,8 @@
 """``python -m featurestore``: inspect, verify and clean a store from the shell.
 
-Exit codes: 0 success; 1 ``verify`` found problems; 2 bad usage or a store that cannot be
-opened (the message says which URL and what to do).
+Exit codes: 0 success; 1 ``verify`` found problems; 2 bad usage, or an error the user can fix
+(a store that cannot be opened, an entry that does not exist: the message says which and what
+to do).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import json
 import sys
 
 from . import catalog
-from .backends import StoreError
-from .reader import EntryNotFound
+from .errors import UserError
 from .store import FeatureStore
 
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (StoreError, EntryNotFound) as exc:
+    except UserError as exc:  # StoreError, EntryNotFound, CorruptEntry, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -35,7 +35,6 @@ import math
 import os
 import posixpath
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -45,6 +44,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from . import sources
+from .errors import UserError
+from .files import atomic_write_text
 from .sources import MissingSourceError, Stat
 from .specs import NUM_BINS, DatasetManifest
 
@@ -74,7 +75,7 @@ PROGRESS_SECONDS = 5.0
 CHECKPOINT_SECONDS = 60.0  # a long hashing run saves its cache this often, so an interruption loses little
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be read as its format says; the message names the file and line."""
 
 
@@ -418,11 +419,4 @@ def _load_cache(path: Path) -> dict[str, list]:
 def _save_cache(path: Path, files: Mapping[str, list]) -> None:
     """Write atomically (temp file + rename) so a crash or a concurrent loader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": CACHE_FORMAT, "files": files}, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, "files": files}, separators=(",", ":")))

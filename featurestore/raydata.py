@@ -23,7 +23,7 @@ from .store import FeatureStore
 class EntryDatasource(Datasource):
     """Rows of a complete entry. Workers open the store themselves, so only URL and key travel."""
 
-    def __init__(self, url: str, key: str, arrays: Sequence[str] | None = None, verify_checksums: bool = False):
+    def __init__(self, url: str, key: str, arrays: Sequence[str] | None = None, verify_checksums: bool | None = None):
         reader = FeatureStore(url, create=False).open(key)
         self.url, self.key, self.verify_checksums = url, key, verify_checksums
         self.arrays = list(reader.array_names if arrays is None else arrays)
@@ -54,6 +54,6 @@ class EntryDatasource(Datasource):
         return ReadTask(read, metadata)
 
 
-def read_entry(url: str, key: str, arrays: Sequence[str] | None = None, verify_checksums: bool = False) -> Dataset:
+def read_entry(url: str, key: str, arrays: Sequence[str] | None = None, verify_checksums: bool | None = None) -> Dataset:
     """A Ray Dataset of an entry's rows, one block per shard (``verify_checksums``: see EntryReader)."""
     return read_datasource(EntryDatasource(url, key, arrays, verify_checksums))

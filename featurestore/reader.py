@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import deque
@@ -16,6 +17,7 @@ from obstore.exceptions import NotFoundError
 from zarr.storage import WrapperStore
 
 from .backends import Backend
+from .errors import UserError
 from .layout import (STATUS_ARRAY, STATUS_FAILED, ArraySpec, EntryLayout, blob_path, commit_path,
                      commits_prefix, doc_path, entry_path, manifest_path, shard_object_path)
 from .partition import Span, World, plan_for
@@ -27,11 +29,11 @@ from .writer import block_checksum
 _UNCOMMITTED_TTL_S = 1.0  # how long "shard not committed" is trusted (writers may commit it any time)
 
 
-class EntryNotFound(LookupError):
+class EntryNotFound(UserError, LookupError):
     """No entry with that key in the store (or it is not complete and completeness was required)."""
 
 
-class CorruptEntry(RuntimeError):
+class CorruptEntry(UserError, RuntimeError):
     """A *committed* shard of an entry cannot be read as committed: its object is missing,
     truncated, of the wrong size, undecodable or (with ``verify_checksums``) differs from its
     commit record. Reads never substitute fill values for committed data; they raise this.
@@ -114,6 +116,10 @@ class Block:
         return len(self.rows)
 
 
+#: Set to 1 to check content checksums on every whole-shard read (see EntryReader).
+VERIFY_ENV = "AKD_VERIFY_CHECKSUMS"
+
+
 class EntryReader:
     """Read access to one entry. Open it with :meth:`FeatureStore.open`.
 
@@ -122,13 +128,15 @@ class EntryReader:
     :class:`CorruptEntry`, never fill values. Whole-shard streaming reads get that check from the
     bytes they fetch; other reads HEAD each touched object once per reader. With
     ``verify_checksums`` whole-shard reads (and :meth:`status`) also compare the content
-    checksum with the commit record, at the cost of hashing every byte.
+    checksum with the commit record, at the cost of hashing every byte: off by default, since
+    it keeps only 13–25% of local read throughput (benchmarks/read_checksums.py); ``None``
+    takes it from ``AKD_VERIFY_CHECKSUMS=1`` so a whole job (and its workers) can turn it on.
     """
 
     def __init__(self, backend: Backend, key: str, require_complete: bool = True,
-                 verify_checksums: bool = False):
+                 verify_checksums: bool | None = None):
         self.backend, self.key = backend, key
-        self.verify_checksums = verify_checksums
+        self.verify_checksums = os.environ.get(VERIFY_ENV) == "1" if verify_checksums is None else verify_checksums
         record = backend.read_json(entry_path(key))
         if record is None:
             raise EntryNotFound(f"no entry {key!r} in store {backend.url}; list entries with "

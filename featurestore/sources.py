@@ -26,7 +26,8 @@ import obstore
 from obstore.exceptions import NotFoundError
 from obstore.store import S3Store
 
-from .backends import StoreURL, _s3_store, describe_error
+from .backends import S3URLError, StoreURL, _s3_store, describe_error, parse_s3_url
+from .errors import UserError
 
 #: Suffixes (lower case) that count as images when a folder is listed.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -34,7 +35,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _LIST_CHUNK = 1000  # objects per S3 listing batch: fewer round trips into Python than the default 50
 
 
-class SourceError(OSError):
+class SourceError(UserError, OSError):
     """A dataset file that cannot be read; the message names its URI."""
 
 
@@ -152,12 +153,11 @@ def list_images(uri: str, recursive: bool = True) -> dict[str, Stat]:
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
-    # Not urlparse: object keys may contain '#' or '?', which a URL parser would cut off.
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if len(bucket) < 3:
-        raise SourceError(f"{uri}: bucket name {bucket!r} is too short "
-                          "(S3 bucket names have 3–63 characters)")
-    return bucket, key.strip("/")
+    """``parse_s3_url``, raising this module's ``SourceError`` (a dataset file that cannot be read)."""
+    try:
+        return parse_s3_url(uri)
+    except S3URLError as exc:
+        raise SourceError(str(exc)) from None
 
 
 @functools.cache

@@ -17,14 +17,18 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .errors import UserError
+
 #: Bump when the on-disk layout or the meaning of a spec field changes; it is part of every key.
 FORMAT_VERSION = 1
 
 SPLITS = ("train", "val", "test", "")
+#: Rating bins of a vote distribution (scores 1..10). Its one definition: the dataset readers
+#: here need it, and trainers.labels (which the store must not import) re-uses it.
 NUM_BINS = 10
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """A spec that cannot describe a valid entry (wrong lengths, bad values)."""
 
 

@@ -24,11 +24,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .errors import UserError
+
 FORMS = "official, file:PATH, cv:K:FOLD[:SEED] or random:FRACTION:SEED"
 KINDS = ("official", "file", "cv", "random")
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """A split that cannot be applied; the message names the spec or the ids and what to do."""
 
 

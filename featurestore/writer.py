@@ -79,7 +79,7 @@ def block_checksum(block: np.ndarray) -> str:
     block = np.ascontiguousarray(block)
     if block.dtype.byteorder == ">":
         block = block.astype(block.dtype.newbyteorder("<"))
-    return hashlib.sha256(block.tobytes()).hexdigest()
+    return hashlib.sha256(block).hexdigest()  # the buffer itself: no copy of a shard-sized block
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,12 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import yaml
 
+from featurestore.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that names an unknown key, lacks a required one, or has a value of the wrong type."""
 
 
@@ -181,22 +183,69 @@ def as_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The :class:`UserError` behind ``exc``: ``exc`` itself, or one that a worker raised and Ray
+    wrapped (a task's ``RayTaskError.cause``, a Ray Train worker's entry in
+    ``WorkerGroupError.worker_failures``, a controller's failure) or that ``exc`` was raised
+    ``from``. The outermost one of our own, so its message keeps the most context."""
+    seen: set[int] = set()
+
+    def search(e: BaseException | None) -> UserError | None:
+        if e is None or id(e) in seen:
+            return None
+        seen.add(id(e))
+        if isinstance(e, UserError) and not _is_ray_wrapper(e):
+            return e
+        failures = getattr(e, "worker_failures", None)
+        inner = [getattr(e, name, None) for name in ("cause", "controller_failure", "_base_exc")]
+        inner += [failures[rank] for rank in sorted(failures)] if isinstance(failures, dict) else []
+        for candidate in (*inner, e.__cause__):
+            if isinstance(candidate, BaseException) and (found := search(candidate)) is not None:
+                return found
+        return None
+
+    return search(exc)
+
+
+def _is_ray_wrapper(exc: BaseException) -> bool:
+    """Ray's ``RayTaskError(<cause class>)``: an instance of the cause's class whose text is a
+    whole traceback; the cause itself is in ``.cause``."""
+    return type(exc).__module__.split(".")[0] == "ray"
+
+
 def run_job(name: str, config_cls: type[T], main: Callable[[T], dict[str, Any]],
-            user_errors: tuple[type[BaseException], ...] = (), argv: list[str] | None = None) -> int:
-    """Parse ``--config FILE [key=value ...]``, run ``main`` and print its result as the last
-    stdout line. Errors a user can cause print one ``error:`` line on stderr and exit 2."""
+            check: Callable[[T], dict[str, Any]] | None = None, argv: list[str] | None = None) -> int:
+    """Parse ``[--verbose] [--check] --config FILE [key=value ...]``, run ``main`` and print its
+    result as the last stdout line.
+
+    A :class:`UserError` — raised here or in a worker — prints one ``error:`` line on stderr and
+    exits 2; anything else is a bug or an outage and keeps its traceback. ``--verbose`` (or
+    ``AKD_VERBOSE=1``) shows Ray's internal logs. A job with a ``check`` function has ``--check``:
+    it validates the config and prints ``check``'s plan instead of running ``main``.
+    """
+    from ray_jobs.runtime import VERBOSE_ENV, set_verbose
+
     parser = argparse.ArgumentParser(
         prog=f"python -m ray_jobs.{name}", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(sys.modules[main.__module__].__doc__ or "").strip(),
         epilog="config keys (set in the YAML file or as key=value):\n" + "\n".join(describe_keys(config_cls)))
     parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"also show Ray's internal logs (workers, Ray Train, Ray Data); or set {VERBOSE_ENV}=1")
+    if check is not None:
+        parser.add_argument("--check", action="store_true",
+                            help="validate the config and print the planned work as JSON; run nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.verbose:
+        set_verbose(True)
     try:
         config = load_config(config_cls, args.config, args.overrides)
-        result = main(config)
-    except (ConfigError, *user_errors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        result = check(config) if getattr(args, "check", False) else main(config)
+    except Exception as exc:  # noqa: BLE001 - only user errors are caught; the rest re-raise
+        if (error := find_user_error(exc)) is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result), flush=True)
     return 0

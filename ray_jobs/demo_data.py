@@ -50,6 +50,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from featurestore.errors import UserError
+
 VERSION = 1
 
 #: (scikit-image sample, semantic category, trim box as fractions (x0, y0, x1, y1) or None).
@@ -84,6 +86,10 @@ RATERS, RATER_SD = (50, 200), (1.0, 1.8)
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9)
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in source pixels, end exclusive
+
+
+class DemoDataError(UserError):
+    """A request the demo generator refuses, or a missing dependency; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,8 @@ def load_sources() -> dict[str, Source]:
     try:
         from skimage import data
     except ImportError:
-        raise RuntimeError("the demo dataset is built from scikit-image's sample photos: "
-                           "pip install 'scikit-image>=0.26'") from None
+        raise DemoDataError("the demo dataset is built from scikit-image's sample photos: "
+                            "pip install 'scikit-image>=0.26'") from None
     sources = {}
     for name, category, trim in SOURCES:
         pixels = getattr(data, name)()

@@ -1,236 +1,30 @@
 """Teacher extraction: run the backbones once at full resolution and store MLSP features (GSFs).
 
-    python -m ray_jobs.extract --config configs/demo.yaml [key=value ...]
+    python -m ray_jobs.extract --config configs/extract_demo.yaml [key=value ...]
     ray job submit --working-dir . -- python -m ray_jobs.extract --config FILE [key=value ...]
 
 Features belong to images: a GSF row is keyed by the SHA-256 of the image bytes and the
-extractor (backbones, weight digests, input policy, precision), never by labels, splits, names
-or URIs. The job computes only the images the extractor's feature table lacks, as one new
-segment (featurestore/features.py), then writes this dataset's view of the table: the ``gsf``
-entry named in the result, which ``ray_jobs.distill`` takes as ``gsf_entry``. A re-split, a
-relabel or a moved dataset costs no forward pass; a dataset that gains k images costs k.
-
-The work unit is one segment shard, handed to a pool of backbone actors by Ray Data (one GPU
-each when the cluster has GPUs). The last stdout line is a JSON object: entry, segment (the new
-segment or null), rows, ok, failed, computed_rows (images computed by this run), reused_rows
-(dataset rows whose features were already stored), forward_passes, reused, seconds
-(shard_seconds: the actors' time inside shards).
+extractor, never by labels, splits, names or URIs, so a re-split, a relabel or a moved dataset
+costs no forward pass and a dataset that gains k images costs k (``ray_jobs.stages.extract``).
+The last stdout line is a JSON object: entry (the dataset's GSF view, ``ray_jobs.distill``'s
+``gsf_entry``), segment (the new segment or null), rows, ok, failed, computed_rows (images
+computed by this run), reused_rows (dataset rows whose features were already stored),
+forward_passes, reused, seconds, shard_seconds (the actors' time inside shards), images_per_s.
+A shard that fails for good is named on stderr and the job exits 2; a rerun retries exactly it.
 """
 
-from __future__ import annotations
-
-import json
-import math
+import dataclasses
 import sys
-import warnings
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
-import numpy as np
-
-from featurestore.backends import StoreError
-from featurestore.dataset_table import hashes_to_hex
-from featurestore.datasets import DatasetError
-from featurestore.features import (GSF_ARRAY, HASH_ARRAY, FeatureIndex, register_segment, segment_spec,
-                                   segment_uris, table_segments)
-from featurestore.layout import ArraySpec, EntryLayout, default_shard_rows
-from featurestore.sources import SourceError
-from featurestore.splits import SplitError
-from featurestore.specs import ExtractorSpec
-from featurestore.store import FeatureStore
-from featurestore.views import view_spec, write_view
-from ray_jobs.config import ConfigError, option, run_job
-from ray_jobs.dataset_input import DatasetConfig, load_table
-from ray_jobs.runtime import Progress, cluster_gpus, init_ray, is_local, log
-from trainers.backbones import BackboneError, backbone_specs, expand_names
-from trainers.extraction import SpecMismatch, ShardActor, input_policy
-from trainers.weights import WeightsError
+from ray_jobs.config import run_job
+from ray_jobs.stages.extract import ExtractConfig, extract
 
 JOB = "extract"
-CHUNK_ROWS = 32
-SHARD_RETRIES = 3  # attempts per shard task after the first, and actor restarts
-
-
-class ShardsFailed(RuntimeError):
-    """Shards that could not be computed even after retries; they stay uncommitted."""
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    store: str = option("./store", help="feature store: local directory or s3://bucket/prefix")
-    backbones: tuple[str, ...] = option(("lite_trio",), help="timm names, aliases or groups (paper_trio, lite_trio)")
-    weights: str | dict[str, str] = option(
-        "packaged", help="hub | packaged | random:<seed> | path | s3:// URI, or a mapping backbone -> source")
-    max_pixels: int = option(4096 * 4096, help="larger images are downscaled to this many pixels")
-    shard_rows: int = option(0, help="rows per store shard = work unit; 0 picks ~16 MiB shards, ≥4 per worker")
-    workers: int = option(1, help="backbone actors (one GPU each when the cluster has GPUs)")
-    cpus_per_worker: float = option(1.0, help="CPUs reserved per actor; also its torch thread count")
-    batch_size: int = option(8, help="images of identical size forwarded together")
-    device: str = option("auto", help="auto | cpu | cuda (auto: cuda when the cluster has GPUs)")
-    ray_address: str | None = option(None, help="Ray cluster address; default RAY_ADDRESS or a local instance")
-    num_cpus: int | None = option(None, help="logical CPUs of a local Ray instance (default max(4, cores))")
-
-    def __post_init__(self):
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device {self.device!r} must be auto, cpu or cuda")
-        if self.workers < 1 or self.batch_size < 1 or self.max_pixels < 1 or self.shard_rows < 0:
-            raise ConfigError("workers, batch_size and max_pixels must be ≥ 1 and shard_rows ≥ 0")
-        if self.shard_rows % CHUNK_ROWS:
-            raise ConfigError(f"shard_rows must be a multiple of {CHUNK_ROWS}")
-        if self.dataset.path is None:
-            raise ConfigError("dataset.path is required: the dataset to extract features of")
-
-
-def pick_shard_rows(rows: int, width: int, workers: int) -> int:
-    """~16 MiB shards, but small enough that every worker gets at least four."""
-    by_size = default_shard_rows(width * 2, chunk_rows=CHUNK_ROWS)
-    by_parallelism = math.ceil(max(rows, 1) / (4 * workers) / CHUNK_ROWS) * CHUNK_ROWS
-    return max(CHUNK_ROWS, min(by_size, by_parallelism))
-
-
-def extractor_spec(cfg: ExtractConfig, compute_dtype: str) -> ExtractorSpec:
-    """What features are keyed by: backbone specs (weight digests from the cache, no model
-    loaded on the driver), input policy, precision."""
-    backbones = backbone_specs(list(cfg.backbones), cfg.weights)
-    return ExtractorSpec(backbones=backbones, input_policy=input_policy(cfg.max_pixels), compute_dtype=compute_dtype)
-
-
-def resolve_entry(cfg: ExtractConfig, store: FeatureStore) -> str:
-    """The key of the complete view this extraction config produced (CPU or GPU run)."""
-    table = load_table(cfg.dataset)
-    for dtype in ("float32", "bfloat16"):
-        if (done := store.find(view_spec(extractor_spec(cfg, dtype), table))) is not None:
-            return done.key
-    raise ConfigError(f"no complete GSF entry for this extraction config in {store.url}; run ray_jobs.extract first")
 
 
 def main(cfg: ExtractConfig) -> dict:
-    expand_names(cfg.backbones)  # an unknown backbone fails before any slow step
-    log(JOB, f"indexing dataset {cfg.dataset.path} ({cfg.dataset.format})")
-    table = load_table(cfg.dataset)
-    store = FeatureStore(cfg.store)
-    # A local run's GPUs are this machine's: decide without starting Ray, so a reused entry is instant.
-    if is_local(cfg.ray_address):
-        import torch
-
-        gpus = torch.cuda.device_count()
-    else:
-        init_ray(cfg.ray_address, cfg.num_cpus)
-        gpus = cluster_gpus()
-    if cfg.device == "cuda" and not gpus:
-        raise ConfigError("device=cuda but the Ray cluster has no GPUs")
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
-    extractor = extractor_spec(cfg, "bfloat16" if use_gpu else "float32")
-    columns = {name: list(cols) for name, cols in extractor.column_ranges().items()}
-    summary = f"GSF {'+'.join(b.name for b in extractor.backbones)} ({extractor.width}-d), {table.name}"
-    result = {"entry": view_spec(extractor, table).key, "store": store.url, "rows": len(table),
-              "width": extractor.width, "columns": columns}
-
-    index = FeatureIndex.build(store, table_segments(store, extractor))
-    todo = index.missing(table.sha256)
-    segment, forward_passes, shard_seconds, failures = None, 0, 0.0, {}
-    computed = np.zeros(0, todo.dtype)  # the images this run computes
-    progress = Progress(JOB, 0, unit="images")
-    if len(todo):
-        spec = segment_spec(extractor, todo)
-        segment = spec.key
-        if (done := store.find(spec)) is None:
-            log(JOB, f"{len(todo)} of {len(table)} images lack features under this extractor: segment {spec.key}")
-            shard_rows = cfg.shard_rows or pick_shard_rows(len(todo), extractor.width, cfg.workers)
-            layout = EntryLayout(rows=len(todo), shard_rows=shard_rows, chunk_rows=CHUNK_ROWS,
-                                 arrays=(ArraySpec(GSF_ARRAY, extractor.width, "float16"), ArraySpec(HASH_ARRAY, 32, "uint8")))
-            writer = store.create(spec, layout, attrs={"summary": f"{summary}: {len(todo)} images", "columns": columns})
-            missing = writer.missing_shards()
-            computed = np.concatenate([todo[slice(*layout.shard_range(shard))] for shard in missing] or [computed])
-            computed_rows = len(computed)
-            log(JOB, f"segment {spec.key}: {len(missing)} of {layout.num_shards} shards to compute ({computed_rows} images)")
-            init_ray(cfg.ray_address, cfg.num_cpus)
-            progress = Progress(JOB, computed_rows, unit="images")
-            if missing:
-                uris = segment_uris(todo, table.sha256, table.uris)
-                forward_passes, shard_seconds = run_shards(cfg, store.url, spec, layout, todo, uris, missing,
-                                                           use_gpu, progress)
-            if failed := writer.missing_shards():
-                raise ShardsFailed(
-                    f"segment {spec.key}: {len(failed)} of {layout.num_shards} shard(s) could not be computed after "
-                    f"{SHARD_RETRIES} retries (shards {failed[:10]}{', …' if len(failed) > 10 else ''}); the "
-                    "others are committed. Rerun the same command to retry exactly those; the errors are above "
-                    "and in Ray's worker logs")
-            writer.finalize({"summary": summary})
-            done = store.open(spec.key)
-        else:
-            log(JOB, f"segment {spec.key} of the {len(todo)} images without features is complete: reusing it")
-        register_segment(store, extractor, done)
-        hashes = hashes_to_hex(todo)
-        failures = {hashes[r]: reason for r, reason in done.failures().items()}
-        index = FeatureIndex.build(store, table_segments(store, extractor))
-    else:
-        log(JOB, f"all {len(table)} images have features under this extractor: reusing them, 0 forward passes")
-    view = write_view(store, extractor, table, index, failures, attrs={"summary": summary})
-    final = view.manifest
-    computed_rows = len(computed)
-    log(JOB, f"entry {view.key} complete: {final['ok']} ok, {final['failed']} failed in {progress.seconds:.1f} s")
-    return {**result, "segment": segment, "ok": final["ok"], "failed": final["failed"],
-            "computed_rows": computed_rows, "reused_rows": len(table) - int(np.isin(table.sha256, computed).sum()),
-            "forward_passes": forward_passes, "reused": computed_rows == 0,
-            "seconds": round(progress.seconds, 3) if computed_rows else 0.0, "shard_seconds": round(shard_seconds, 3),
-            "images_per_s": round(computed_rows / max(progress.seconds, 1e-9), 2)}
-
-
-def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, hashes: np.ndarray, uris: list[str],
-               shards: list[int], use_gpu: bool, progress: Progress) -> tuple[int, float]:
-    """Compute ``shards`` of a segment on an actor pool. Returns the number of forward passes
-    made and the actors' summed seconds inside shards (the job's time minus start-up)."""
-    import ray.data
-
-    hexes = hashes_to_hex(hashes)
-    tasks = []
-    for shard in shards:
-        start, stop = layout.shard_range(shard)
-        tasks.append({"task": json.dumps({"shard": shard, "start": start, "uris": uris[start:stop],
-                                          "sha256": hexes[start:stop]})})
-    workers = min(cfg.workers, len(shards))
-    # A shard is idempotent until committed, so a failed shard task is retried, a lost actor is
-    # replaced, and a shard that fails for good is dropped here and reported by the caller (it
-    # stays uncommitted, so a rerun retries exactly it) instead of aborting the other shards.
-    with shard_retries(ray.data.DataContext.get_current()):
-        with warnings.catch_warnings():  # bounded retries need the remote args Ray 2.64 will rename; we pin 2.60
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-                ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-                num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_worker,
-                max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES,
-                fn_constructor_kwargs={"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
-                                       "backbones": list(cfg.backbones), "weights": cfg.weights,
-                                       "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
-                                       "device": "cuda" if use_gpu else "cpu",
-                                       "threads": max(1, int(cfg.cpus_per_worker))})
-        forward_passes, shard_seconds = 0, 0.0
-        for row in results.iter_rows():
-            shard = json.loads(row["result"])
-            forward_passes += shard["forward_passes"]
-            shard_seconds += shard["seconds"]
-            progress.add(shard["rows"])
-        return forward_passes, shard_seconds
-
-
-@contextmanager
-def shard_retries(context):
-    """Ray Data's retry settings for shard tasks, restored afterwards: the context is global to
-    the process, and other Ray Data users in it (a library caller, tests) must keep theirs."""
-    settings = {"actor_task_retry_on_errors": True, "max_errored_blocks": -1,
-                "max_consecutive_actor_init_deaths": SHARD_RETRIES}
-    saved = {name: getattr(context, name) for name in settings}
-    for name, value in settings.items():
-        setattr(context, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(context, name, value)
+    return dataclasses.asdict(extract(cfg))
 
 
 if __name__ == "__main__":
-    sys.exit(run_job(JOB, ExtractConfig, main, user_errors=(
-        BackboneError, WeightsError, DatasetError, SplitError, StoreError, SourceError, SpecMismatch, ShardsFailed)))
+    sys.exit(run_job(JOB, ExtractConfig, main))

@@ -27,8 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+from featurestore.errors import UserError
+
 from . import demo_data
-from .demo_data import ImageSpec
+from .demo_data import DemoDataError, ImageSpec
 
 META_FILE = "demo_meta.json"
 ID_BASE = 100001  # six-digit ids, AVA-like, that differ from the 1-based index so mix-ups show
@@ -36,15 +38,11 @@ CHALLENGE_SIZE = 50  # consecutive images share a challenge id, as entries of on
 PROGRESS_SECONDS = 2.0
 
 
-class DemoDataError(Exception):
-    """A request this tool refuses; the message says what to do instead."""
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         result = generate(Path(args.out), args.n, args.seed, args.test_fraction, tuple(args.long_side), args.workers)
-    except (DemoDataError, RuntimeError) as exc:
+    except UserError as exc:  # DemoDataError: a refused request or a missing dependency
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result))

@@ -108,7 +108,7 @@ def entrypoint_problems(entrypoint: str, where: str) -> list[str]:
     try:
         parsed = load_config(config_class(job), str(ROOT / config) if config else None, overrides)
         if job == "pipeline":
-            from ray_jobs.pipeline import plan_experiments, stage_configs
+            from ray_jobs.stages.pipeline import plan_experiments, stage_configs
 
             stage_configs(parsed)
             plan_experiments(parsed, "knowledge-0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -93,3 +94,66 @@ def test_run_job_prints_result_last_and_exits_2_on_user_error(capsys):
     assert run_job("t", Outer, lambda cfg: {}, argv=["count=4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: missing required config key 'inner.path'") and "Traceback" not in err
+
+
+def test_run_job_catches_every_user_error_and_keeps_tracebacks_for_bugs(capsys):
+    from featurestore.datasets import DatasetError
+    from featurestore.errors import UserError
+    from featurestore.reader import CorruptEntry
+
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+
+    def fails(error):
+        def main(cfg):
+            raise error
+        return main
+
+    argv = ["inner.path=/d"]
+    assert run_job("t", Outer, fails(DatasetError("AVA.txt line 3: 9 vote counts")), argv=argv) == 2
+    assert capsys.readouterr().err == "error: AVA.txt line 3: 9 vote counts\n"
+    corrupt = CorruptEntry("/s", "gsf-1", "gsf", 2, "object missing")
+    assert run_job("t", Outer, fails(corrupt), argv=argv) == 2
+    assert capsys.readouterr().err.startswith("error: store /s: entry gsf-1: array 'gsf' shard 2: object missing.")
+    with pytest.raises(KeyError):  # a bug: not caught, so Python prints its traceback
+        run_job("t", Outer, fails(KeyError("bug")), argv=argv)
+
+
+def test_check_prints_the_plan_and_runs_nothing(capsys):
+    ran = []
+
+    def main(cfg):
+        ran.append(cfg)
+        return {"ran": True}
+
+    def check(cfg):
+        return {"would_count": cfg.count}
+
+    assert run_job("t", Outer, main, check=check, argv=["--check", "inner.path=/d", "count=3"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"would_count": 3} and not ran
+    assert run_job("t", Outer, main, check=check, argv=["--check", "count=3"]) == 2  # the config is still checked
+    assert "inner.path" in capsys.readouterr().err and not ran
+    with pytest.raises(SystemExit):  # a job without a plan has no --check
+        run_job("t", Outer, main, argv=["--check", "inner.path=/d"])
+
+
+def test_verbose_is_a_flag_of_every_job_not_a_config_key(capsys, monkeypatch):
+    import os
+
+    from ray_jobs.runtime import VERBOSE_ENV, verbose
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    assert not verbose()
+    seen = {}
+
+    def main(cfg):
+        seen["verbose"] = verbose()
+        return {"count": cfg.count}
+
+    assert run_job("t", Outer, main, argv=["inner.path=/d", "--verbose", "count=2"]) == 0
+    assert seen["verbose"] and os.environ[VERBOSE_ENV] == "1"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == '{"count": 2}'
+    monkeypatch.delenv(VERBOSE_ENV)
+    assert run_job("t", Outer, main, argv=["inner.path=/d", "verbose=true"]) == 2
+    assert "unknown config key 'verbose'" in capsys.readouterr().err
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    assert run_job("t", Outer, main, argv=["inner.path=/d"]) == 0 and seen["verbose"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,7 +20,8 @@ from featurestore.specs import BackboneSpec, ExtractorSpec
 from featurestore.store import FeatureStore
 from featurestore.views import GsfView, import_features
 from trainers.distiller import DistillerSpec
-from trainers.knowledge import KnowledgeError, distill, knowledge_hashes
+from trainers.knowledge import KnowledgeError, distill, knowledge_entry_spec, knowledge_hashes, labels_digest
+from trainers.labels import LabelError, table_targets
 from trainers.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,15 +38,16 @@ def fake_hashes(n: int, salt: str = "") -> np.ndarray:
     return hashes_from_hex([hashlib.sha256(f"{salt}{i}".encode()).hexdigest() for i in range(n)])
 
 
-def synthetic_gsf_entry(url: str, test_outlier: float | None = None) -> tuple[str, dict]:
+def synthetic_gsf_entry(url: str, test_outlier: float | None = None, unvoted: tuple[int, ...] = ()) -> tuple[str, dict]:
     """Backbone 'noise' (32 columns) carries nothing; 'signal' (48 columns, column j centred on 10 + j)
-    determines the score. Every 5th row is test; row 7 failed extraction."""
+    determines the score. Every 5th row is test; row 7 failed extraction; rows ``unvoted`` have no votes."""
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 1, (N, NOISE))
     signal = 10 + np.arange(SIGNAL) + rng.normal(0, 0.5, (N, SIGNAL))
     quality = 5 + 3 * np.tanh((signal - 10 - np.arange(SIGNAL))[:, :8].sum(1) / 2)
     raters = np.clip(np.rint(quality[:, None] + rng.normal(0, 1.2, (N, 100))), 1, 10).astype(int)
     votes = np.stack([(raters == k).sum(1) for k in range(1, 11)], 1)
+    votes[list(unvoted)] = 0
     splits = np.array(["test" if i % 5 == 0 else "train" for i in range(N)], object)
     gsf = np.concatenate([noise, signal], 1).astype(np.float16)
     if test_outlier is not None:
@@ -139,3 +142,51 @@ def test_distill_job_cli_and_bad_subset(local_store_url):
     assert "epoch 2/2" in ok.stderr
     bad = subprocess.run(args + ["backbones=[resnet9000]"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "resnet9000" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unlabelled_rows_get_knowledge_but_are_neither_fitted_nor_tested(local_store_url):
+    unvoted = (7, 10, 11, 12, 15)  # 7: train, no features; 10, 15: test; 11, 12: train
+    parent, _ = synthetic_gsf_entry(local_store_url, unvoted=unvoted)
+    store = FeatureStore(local_store_url)
+    results = {}
+    for label in ("distribution", "score", "binary"):  # score and binary once refused any unvoted row
+        results[label] = result = distill(store, parent, DistillerSpec(backbones=("signal",), label=label,
+                                                                       **{**SMALL, "epochs": 2}), CPU)
+        assert (result["train_rows"], result["test_rows"], result["test"]["n"]) == (383 - 2, 96 - 2, 94), label
+        assert store.open(result["entry"]).rows == N - 1  # every image with features has knowledge
+    metrics = store.open(results["distribution"]["entry"]).read_document("metrics")
+    assert sum(row["n"] for row in metrics["per_category"]) == 94
+
+
+def test_the_planned_entry_is_the_fitted_one_and_labelling_a_row_changes_it(local_store_url):
+    parent, truth = synthetic_gsf_entry(local_store_url, unvoted=(11,))
+    store = FeatureStore(local_store_url)
+    spec = DistillerSpec(backbones=("signal", "noise"), **{**SMALL, "epochs": 1})
+    view = GsfView(store, parent)
+    planned = knowledge_entry_spec(view, spec)
+    result = distill(store, parent, spec, CPU)
+    assert planned.key == result["entry"] and not result["reused"]
+    votes = truth["votes"].copy()
+    votes[11, 4] = 3
+    relabelled = dataclasses.replace(truth["table"], votes=votes)
+    assert knowledge_entry_spec(view, spec, relabelled).key != planned.key
+    no_train = dataclasses.replace(truth["table"], splits=np.full(N, "test", object))
+    with pytest.raises(LabelError, match="no labelled 'train' images"):
+        knowledge_entry_spec(view, spec, no_train)
+
+
+def test_label_digest_of_a_fully_labelled_table_is_what_it_was():
+    """Knowledge keys hash (image, split, target) of the rows with features. These digests were
+    computed before labels had their own module; fully labelled data must keep its keys."""
+    n = 12
+    votes = np.array([[(3 * i + 5 * k) % 7 + (k == 4) for k in range(10)] for i in range(n)], np.int64)
+    table = DatasetTable(name="golden", image_ids=np.array([str(i) for i in range(n)], object),
+                         uris=np.array([f"/g/{i}.jpg" for i in range(n)], object),
+                         sha256=hashes_from_hex([hashlib.sha256(f"golden{i}".encode()).hexdigest() for i in range(n)]),
+                         splits=np.array(["train", "test", "val"] * 4, object), votes=votes)
+    rows = np.array([0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11])  # row 4 without features
+    digests = {label: labels_digest(table, rows, table_targets(label, table)) for label in ("distribution", "binary",
+                                                                                           "score")}
+    assert digests == {"distribution": "e31a46a082d4ab1490ef335772e2a515615bcec19068baedc051847ca2d691de",
+                       "binary": "9e36ce8fb65977ba98a027486995744e7722f860e2ac78058d151b793dcf498e",
+                       "score": "f7b03f846c3415ccbabb8f12472c76ea52013daa4047a6c9588e30941f86fbdd"}

@@ -10,10 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trainers.labels import LOSSES
 from trainers.losses import (KINDS, LossSpec, StudentOutputs, Targets, bce_loss, emd_loss, feature_mse, score_mse,
                              student_loss)
 
 BINS = 10
+LABEL_OF = {kind: label for label, kinds in LOSSES.items() for kind in kinds}
 
 
 def random_dists(rng: np.random.Generator, b: int, n: int = BINS) -> np.ndarray:
@@ -173,11 +175,11 @@ def batch(rng: np.random.Generator, kind: str, b: int = 6, f: int = 8):
     """Student outputs (leaf tensors needing grad) and targets for ``kind``'s label type."""
     fs = torch.tensor(rng.normal(size=(b, f)), requires_grad=True)
     ft = t(rng.normal(size=(b, f)))
-    if kind.startswith("bce"):
+    if LABEL_OF[kind] == "binary":
         pred = torch.tensor(rng.normal(size=b), requires_grad=True)
         gt, teacher = t(rng.integers(0, 2, size=b)), t(rng.uniform(size=b))
         student_view = pred
-    elif kind.startswith("mse"):
+    elif LABEL_OF[kind] == "score":
         pred = torch.tensor(rng.uniform(1, 10, size=b), requires_grad=True)
         gt, teacher = t(rng.uniform(1, 10, size=b)), t(rng.uniform(1, 10, size=b))
         student_view = pred
@@ -241,6 +243,16 @@ def test_student_loss_equals_weighted_sum_of_terms(kind, weights):
         assert terms[name].item() == pytest.approx(value, rel=1e-9), name
         assert not terms[name].requires_grad
     assert total.item() == pytest.approx(expected_total, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_supervises_the_output_with_the_loss_of_its_label(kind):
+    """The label table (trainers.labels.LOSSES) and the recipes agree: EMD terms for a
+    distribution, BCE for a binary label, MSE on scores for a score."""
+    _, out, tgt = batch(np.random.default_rng(4), kind)
+    _, terms = student_loss(LossSpec(kind), out, tgt)
+    output_losses = {name.split("_", 1)[0] for name in terms if name != "feature_mse"}
+    assert output_losses == {{"distribution": "emd", "binary": "bce", "score": "mse"}[LABEL_OF[kind]]}
 
 
 def test_paper_defaults_eq7_eq10_eq11():

@@ -174,7 +174,7 @@ def test_intact_entry_reads_bit_exact_every_way(store_url, codec, verify_checksu
     assert len(reader.status()) == ROWS and reader.failures() == store.open(key).failures()
 
 
-def test_checksums_on_read_catch_a_same_size_flip_in_a_raw_shard(store_url):
+def test_checksums_on_read_catch_a_same_size_flip_in_a_raw_shard(store_url, monkeypatch):
     store, key, expected = write_entry(store_url)  # default codec: raw chunks
     size = len(store.backend.read_bytes(object_path(store, key, "gsf", DAMAGED)))
     damage(store, key, "flip")
@@ -189,6 +189,10 @@ def test_checksums_on_read_catch_a_same_size_flip_in_a_raw_shard(store_url):
         assert "checksum" in str(exc.value)
     assert np.array_equal(checked.read_range(0, 32)["gsf"], expected["gsf"][:32])
     assert np.array_equal(checked.read_range(32, 64, ["dist"])["dist"], expected["dist"][32:64])
+    monkeypatch.setenv("AKD_VERIFY_CHECKSUMS", "1")  # the whole job's switch: readers opened the usual way
+    with pytest.raises(CorruptEntry, match="its content checksum"):
+        store.open(key).read_range(32, 64)
+    monkeypatch.delenv("AKD_VERIFY_CHECKSUMS")
     damage(store, key, "flip", array=STATUS_ARRAY, shard=0)
     with pytest.raises(CorruptEntry, match="array 'status' shard 0: its content checksum"):
         EntryReader(store.backend, key, verify_checksums=True).status()

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from ray_jobs import report
+from ray_jobs.stages import report
 
 CATEGORIES = (("Landscape", 30), ("Portraiture", 12), ("Animals", 7), ("Macro", 2))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

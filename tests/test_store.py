@@ -211,3 +211,55 @@ def test_one_dimensional_and_wide_arrays(local_store_url):
     reader = store.open(writer.key)
     assert np.array_equal(reader.read_range(0, 10)["score"], score)
     assert np.array_equal(reader.read_rows([9, 1])["f"], feats[[9, 1]])
+
+
+@pytest.mark.parametrize("url, parsed", [
+    ("s3://bucket/a/b.jpg", ("bucket", "a/b.jpg")),
+    ("s3://bucket/prefix/", ("bucket", "prefix")),
+    ("s3://bucket", ("bucket", "")),
+    ("s3://bucket/a#1?x=2;y.jpg", ("bucket", "a#1?x=2;y.jpg")),  # keys may hold what a URL parser cuts off
+])
+def test_one_s3_url_parser_for_stores_sources_and_weights(url, parsed):
+    from featurestore import sources
+    from featurestore.backends import StoreURL, parse_s3_url
+
+    assert parse_s3_url(url) == parsed
+    assert (StoreURL.parse(url).bucket, StoreURL.parse(url).prefix) == parsed
+    assert sources.normalize(url) == f"s3://{parsed[0]}/{parsed[1]}".rstrip("/")
+
+
+@pytest.mark.parametrize("url", ["s3://ab/key", "s3:///key", "s3:/bucket/key", "bucket/key", "S3://bucket/key"])
+def test_a_bad_s3_url_is_a_user_error_naming_it_and_the_form(url):
+    from featurestore import sources
+    from featurestore.backends import S3URLError, StoreError, parse_s3_url
+    from featurestore.errors import UserError
+    from trainers.weights import WeightsError, file_identity
+
+    with pytest.raises(S3URLError) as caught:
+        parse_s3_url(url)
+    assert isinstance(caught.value, (UserError, ValueError))
+    assert repr(url) in str(caught.value) and "s3://<bucket>/" in str(caught.value)
+    if url.startswith("s3://"):  # each caller keeps its own error class, with the same message
+        with pytest.raises(StoreError, match="s3://<bucket>/"):
+            FeatureStore(url)
+        with pytest.raises(sources.SourceError, match="s3://<bucket>/"):
+            sources.read_bytes(url)
+        with pytest.raises(WeightsError, match="s3://<bucket>/"):
+            file_identity(url)
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path):
+    from featurestore.files import atomic_write_bytes, atomic_write_text
+
+    target = tmp_path / "cache.json"
+    atomic_write_text(target, '{"a": 1}')
+    atomic_write_bytes(target, b'{"b": 2}')
+    assert target.read_bytes() == b'{"b": 2}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+
+    with pytest.raises(TypeError):  # the write fails: the old file stays, the temporary is removed
+        atomic_write_bytes(target, "not bytes")
+    assert target.read_bytes() == b'{"b": 2}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+    with pytest.raises(FileNotFoundError):
+        atomic_write_bytes(tmp_path / "missing" / "x.json", b"{}")

@@ -1,7 +1,10 @@
-"""The student model: shapes, feature range, freezing, checkpoints (local and S3), cost, spec checks."""
+"""The student model: shapes, feature range, freezing, checkpoints (local and S3), cost, spec checks,
+and the rows it learns from."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 
@@ -12,9 +15,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from featurestore.dataset_table import DatasetTable, hashes_from_hex
 from trainers.cost import gflops
+from trainers.labels import LabelError
 from trainers.student import (SPEC_FILE, WEIGHTS_FILE, StudentError, StudentSpec, build_student, count_params,
                               decoder_for, load_student, save_student, view_size)
+from trainers.student_data import split_rows
 
 TINY = dict(backbone="resnet18", view="resize:64", feature_width=16)
 
@@ -190,3 +196,29 @@ def test_packaged_lite_backbone_uses_tensorflow_normalisation():
     assert torch.equal(model.mean.flatten(), torch.full((3,), 127.0))
     assert torch.equal(model.std.flatten(), torch.full((3,), 128.0))
     assert model.fc.in_features == 1280 and model(images(2))[1].shape == (2, 10)
+
+
+def test_split_rows_are_the_labelled_rows_of_the_split_that_have_knowledge():
+    n = 9
+    votes = np.array([[i % 4] * 10 for i in range(n)])  # rows 0, 4, 8 have no votes
+    table = DatasetTable(name="rows", image_ids=np.array([str(i) for i in range(n)], object),
+                         uris=np.array([f"/d/{i}.jpg" for i in range(n)], object),
+                         sha256=hashes_from_hex([hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]),
+                         splits=np.array(["train", "train", "test"] * 3, object), votes=votes)
+    hashes = np.sort(table.sha256[:7])  # rows 7 and 8 have no knowledge
+    position = {h: k for k, h in enumerate(hashes.tolist())}
+    for split in ("train", "test", "all"):
+        candidates = [i for i in range(n) if (split == "all" or table.splits[i] == split) and votes[i].sum() > 0
+                      and i < 7]
+        expected = sorted(candidates, key=lambda i: position[table.sha256[i]])
+        data = split_rows(table, hashes, split, "distribution")
+        assert data.rows.tolist() == expected, split
+        assert data.knowledge_rows.tolist() == [position[table.sha256[i]] for i in expected]
+        np.testing.assert_allclose(data.targets, np.full((len(expected), 10), 0.1))
+        assert data.uris == tuple(f"/d/{i}.jpg" for i in expected)
+    # train: rows 1, 3, 6 (0, 4 have no votes; 7 no knowledge); test: rows 2, 5 (8 has neither)
+    assert [len(split_rows(table, hashes, split, "score")) for split in ("train", "test")] == [3, 2]
+    only_train = dataclasses.replace(table, splits=np.full(n, "train", object))
+    assert len(split_rows(only_train, hashes, "test", "distribution")) == 0  # no test split: no validation rows
+    with pytest.raises(LabelError, match="dataset 'rows': label=score needs vote counts or mean scores"):
+        split_rows(dataclasses.replace(table, votes=None), hashes, "train", "score")

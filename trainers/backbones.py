@@ -27,6 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
+from featurestore.errors import UserError
 from featurestore.specs import BackboneSpec, ExtractorSpec
 from trainers.weights import (DigestCache, check_fit, check_suffix, file_identity, load_into, loaded_digest,
                               packaged_entry, packaged_state_dict, read_state_dict, state_digest)
@@ -55,7 +56,7 @@ NORMALISATION = {
 MLSP_LEVELS = 5
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """A backbone that cannot be named, built or given the requested weights."""
 
 

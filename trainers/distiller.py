@@ -19,11 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainers.labels import check_label, output_width, prediction
 from trainers.losses import bce_loss, emd_loss, score_mse
-from trainers.metrics import HIGH_THRESHOLD, evaluate, evaluate_binary, evaluate_scores, mean_score
-
-LABELS = ("distribution", "binary", "score")
-NUM_BINS = 10
 
 
 @dataclass(frozen=True)
@@ -41,8 +38,7 @@ class DistillerSpec:
     seed: int = 0
 
     def __post_init__(self):
-        if self.label not in LABELS:
-            raise ValueError(f"label {self.label!r} is not one of {LABELS}")
+        check_label(self.label)
         if len(self.hidden) != 2 or min(self.hidden) < 1:
             raise ValueError("hidden must be two positive widths (the first two Linear layers)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -53,7 +49,7 @@ class DistillerSpec:
 
     @property
     def output_width(self) -> int:
-        return NUM_BINS if self.label == "distribution" else 1
+        return output_width(self.label)
 
 
 class Distiller(nn.Module):
@@ -70,38 +66,12 @@ class Distiller(nn.Module):
         return f_t, self.head(f_t)
 
 
-def targets_for(label: str, votes: np.ndarray | None, scores: np.ndarray | None) -> np.ndarray:
-    """Training targets from a manifest's labels: normalised vote distributions, mean scores, or
-    1.0/0.0 for mean score ≥ 5 (the paper's binary split)."""
-    if label == "distribution":
-        if votes is None:
-            raise ValueError("label=distribution needs vote counts in the dataset")
-        votes = votes.astype(np.float32)
-        return votes / np.maximum(votes.sum(1, keepdims=True), 1e-12)
-    score = mean_score(votes) if votes is not None else scores
-    if score is None:
-        raise ValueError(f"label={label} needs vote counts or mean scores in the dataset")
-    score = np.asarray(score, np.float32)
-    return score if label == "score" else (score >= HIGH_THRESHOLD).astype(np.float32)
-
-
-def prediction(label: str, logits: torch.Tensor) -> torch.Tensor:
-    if label == "distribution":
-        return torch.softmax(logits, dim=1)
-    return torch.sigmoid(logits[:, 0]) if label == "binary" else logits[:, 0]
-
-
 def loss_for(label: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The distiller's loss against the ground truth: EMD on the softmax (eq. 3), BCE on the logit
+    (eq. 12, finite where log(sigmoid) would underflow), squared error on the score (eq. 13)."""
     if label == "distribution":
         return emd_loss(target, torch.softmax(logits, dim=1))
     return bce_loss(target, logits[:, 0]) if label == "binary" else score_mse(target, logits[:, 0])
-
-
-def evaluate_label(label: str, pred: np.ndarray, target: np.ndarray) -> dict:
-    """Test metrics in the paper's terms for each label kind (SRCC/PLCC on mean scores)."""
-    if label == "distribution":
-        return evaluate(pred, target)
-    return evaluate_binary(pred, target) if label == "binary" else evaluate_scores(pred, target)
 
 
 BatchStream = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (GSF batch, target batch)
@@ -172,3 +142,8 @@ def matching_scores(read_train, train_rows: int, train_score: np.ndarray, test: 
         better = value > best
         best[better], out[better] = value[better], train_score[start + top[better]]
     return out
+
+
+# TEMPORARY, until ray_jobs/* and trainers/student.py, trainers/train_loop.py import these from
+# trainers.labels: delete this line then. Nothing in this module uses them.
+from trainers.labels import LABELS, NUM_BINS, evaluate_label, targets_for  # noqa: E402,F401

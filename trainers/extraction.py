@@ -31,6 +31,7 @@ import torch
 
 from featurestore import sources
 from featurestore.datasets import MISSING_SHA256
+from featurestore.errors import UserError
 from featurestore.features import GSF_ARRAY, HASH_ARRAY
 from featurestore.layout import EntryLayout
 from featurestore.specs import EntrySpec, ExtractorSpec
@@ -41,7 +42,7 @@ from trainers.images import ImageDecoder
 READ_THREADS = 8  # image reads are I/O bound (S3 especially)
 
 
-class SpecMismatch(RuntimeError):
+class SpecMismatch(UserError, RuntimeError):
     """A worker loaded weights that differ from the ones the entry's key was computed from."""
 
 

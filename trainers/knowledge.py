@@ -15,7 +15,9 @@ copy or re-split of the dataset joins to it by content:
   ``docs/metrics.json`` (test metrics, training history, optional matching analysis and
   per-category table); ``blobs/distiller.safetensors``: the fitted weights.
 
-Only train-split rows with ok features are fitted on; test rows are used for the metrics only.
+Only labelled train rows with ok features are fitted on (``trainers.labels.labelled_rows``, then
+the features filter); labelled test rows with features are used for the metrics only. Every image
+with ok features gets knowledge, labelled or not.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -30,6 +33,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from featurestore.dataset_table import DatasetTable, hash_bytes, hashes_of
+from featurestore.errors import UserError
 from featurestore.features import HASH_ARRAY, extractor_key, plan_windows
 from featurestore.layout import ArraySpec, EntryLayout, default_shard_rows
 from featurestore.reader import EntryReader
@@ -37,8 +41,9 @@ from featurestore.specs import EntrySpec
 from featurestore.splits import SplitSpec
 from featurestore.store import FeatureStore
 from featurestore.views import GsfView
-from trainers.distiller import DistillerSpec, evaluate_label, fit, infer, matching_scores, targets_for
-from trainers.metrics import evaluate_scores, mean_score, per_category
+from trainers.distiller import DistillerSpec, fit, infer, matching_scores
+from trainers.labels import NUM_BINS, evaluate_label, labelled_rows, scores_of, table_targets
+from trainers.metrics import evaluate_scores, per_category
 
 CHUNK_ROWS = 256
 #: Rows of GSF held at once while streaming: a window of WINDOW_BLOCKS blocks of BLOCK_ROWS rows
@@ -47,20 +52,17 @@ BLOCK_ROWS, WINDOW_BLOCKS = 512, 8
 READ_ROWS = BLOCK_ROWS * WINDOW_BLOCKS
 
 
-class KnowledgeError(ValueError):
-    """A distiller request that cannot be served (unknown backbone subset, no labels, no train rows)."""
+class KnowledgeError(UserError, ValueError):
+    """A distiller request that cannot be served (unknown backbone subset, too few train rows).
 
-
-def table_targets(label: str, table: DatasetTable) -> np.ndarray:
-    """Every row's target in ``label``'s form; a :class:`KnowledgeError` if the labels lack it."""
-    try:
-        return targets_for(label, table.votes, table.mean_scores)
-    except ValueError as exc:
-        raise KnowledgeError(f"dataset {table.name!r}: {exc}") from None
+    Label problems (no labels, no labelled train rows) are ``trainers.labels.LabelError``."""
 
 
 def labels_digest(table: DatasetTable, rows: np.ndarray, targets: np.ndarray) -> str:
-    """SHA-256 over (image hash, split, target) of ``rows``, independent of their order."""
+    """SHA-256 over (image hash, split, target) of ``rows``, independent of their order.
+
+    ``rows`` are all rows with features (the entry holds knowledge for each); an unlabelled
+    row's target is NaN, so labelling it later gives a new key."""
     hashes, splits = table.sha256[rows], np.asarray(table.splits[rows], str)
     order = np.lexsort((splits, hashes))
     h = hashlib.sha256(hash_bytes(hashes[order]).tobytes())
@@ -99,6 +101,45 @@ def knowledge_rows(hashes: np.ndarray, images: np.ndarray) -> np.ndarray:
     return np.where(len(hashes) and hashes[pos] == images, pos, -1) if len(hashes) else np.full(len(images), -1)
 
 
+@dataclass(frozen=True, eq=False)
+class FitPlan:
+    """What a distill request resolves to before any fitting: its entry and the rows it uses.
+
+    ``rows`` are the table rows with features (each image gets knowledge); ``train`` and
+    ``test`` the labelled rows of those splits among them (ascending); ``targets`` every row's
+    target (NaN where unlabelled)."""
+
+    spec: DistillerSpec
+    split: SplitSpec
+    table: DatasetTable
+    targets: np.ndarray
+    rows: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    entry: EntrySpec
+
+
+def plan_fit(view: GsfView, spec: DistillerSpec, table: DatasetTable | None = None,
+             split: SplitSpec | None = None) -> FitPlan:
+    """Resolve a request (see :func:`distill`) without reading a feature: cheap, so a job can
+    name the entry it would fit or reuse, and label errors surface before any fitting."""
+    spec = normalise_spec(view, spec)
+    split = split or SplitSpec.parse("official")
+    table = (view.dataset() if table is None else table).resplit(split)
+    targets = table_targets(spec.label, table)
+    rows = np.flatnonzero(view.index.lookup(table.sha256)[0])
+    train = np.intersect1d(labelled_rows(table, "train"), rows)
+    test = np.intersect1d(labelled_rows(table, "test", required=False), rows)
+    entry = knowledge_spec(view, spec, labels_digest(table, rows, targets), len(rows))
+    return FitPlan(spec, split, table, targets, rows, train, test, entry)
+
+
+def knowledge_entry_spec(view: GsfView, spec: DistillerSpec, table: DatasetTable | None = None,
+                         split: SplitSpec | None = None) -> EntrySpec:
+    """The knowledge entry :func:`distill` would fit or reuse for these arguments."""
+    return plan_fit(view, spec, table, split).entry
+
+
 def distill(store: FeatureStore, view_key: str, spec: DistillerSpec, device: torch.device,
             table: DatasetTable | None = None, split: SplitSpec | None = None, matching: bool = False,
             log: Callable[[str], None] = lambda m: None) -> dict:
@@ -112,15 +153,9 @@ def distill(store: FeatureStore, view_key: str, spec: DistillerSpec, device: tor
         view = GsfView(store, view_key)
     except ValueError as exc:
         raise KnowledgeError(str(exc)) from None
-    spec = normalise_spec(view, spec)
-    split = split or SplitSpec.parse("official")
-    table = (view.dataset() if table is None else table).resplit(split)
-    targets = table_targets(spec.label, table)
-    found = view.index.lookup(table.sha256)[0]
-    rows = np.flatnonzero(found)
-    splits = np.asarray(table.splits, str)
-    train, test = rows[splits[rows] == "train"], rows[splits[rows] == "test"]
-    entry = knowledge_spec(view, spec, labels_digest(table, rows, targets), len(rows))
+    plan = plan_fit(view, spec, table, split)
+    spec, table, targets, rows, train, test, entry = (plan.spec, plan.table, plan.targets, plan.rows, plan.train,
+                                                      plan.test, plan.entry)
     result = {"entry": entry.key, "gsf_entry": view_key, "rows_without_features": int(len(table) - len(rows))}
     if (done := store.find(entry)) is not None:
         metrics = done.read_document("metrics")
@@ -128,7 +163,7 @@ def distill(store: FeatureStore, view_key: str, spec: DistillerSpec, device: tor
         return {**result, "reused": True, "test": metrics["test"], "train_rows": metrics["train_rows"],
                 "test_rows": metrics["test_rows"], "seconds": 0.0}
     if len(train) < 2:
-        raise KnowledgeError(f"dataset {table.name!r} has {len(train)} train rows with features under entry "
+        raise KnowledgeError(f"dataset {table.name!r} has {len(train)} labelled train rows with features under entry "
                              f"{view_key}; the distiller needs ≥ 2 (check dataset.split and the extraction)")
 
     started = time.perf_counter()
@@ -147,7 +182,7 @@ def distill(store: FeatureStore, view_key: str, spec: DistillerSpec, device: tor
         metrics["matching"] = matching_analysis(model, spec.label, view, train_hashes, test_hashes, columns,
                                                 targets[train], targets[test], device)
     write_knowledge(store, view, entry, spec, model, np.unique(table.sha256[rows]), columns, metrics, device,
-                    split=str(split))
+                    split=str(plan.split))
     log(f"knowledge entry {entry.key} written; test {metrics['test']}")
     return {**result, "reused": False, "test": metrics["test"], "train_rows": metrics["train_rows"],
             "test_rows": metrics["test_rows"], "matching": metrics.get("matching"),
@@ -182,19 +217,17 @@ def predict(model, label: str, view: GsfView, hashes: np.ndarray, columns: np.nd
 def matching_analysis(model, label: str, view: GsfView, train: np.ndarray, test: np.ndarray, columns: np.ndarray,
                       train_targets: np.ndarray, test_targets: np.ndarray, device) -> dict:
     """Table IV: nearest-neighbour scores by GSF and by f_t, both computed block by block."""
-    def mean(t):
-        return mean_score(t) if label == "distribution" else t
-
+    train_scores, test_scores = scores_of(label, train_targets), scores_of(label, test_targets)
     results = {}
     for name, as_feature in (("gsf", False), ("teacher_feature", True)):
         def rows(hashes: np.ndarray, as_feature=as_feature) -> np.ndarray:
             gsf = view.features(hashes, columns)
             return infer(model, label, gsf, device)[0] if as_feature else gsf
 
-        scores = np.concatenate([matching_scores(lambda a, b: rows(train[a:b]), len(train), mean(train_targets),
+        scores = np.concatenate([matching_scores(lambda a, b: rows(train[a:b]), len(train), train_scores,
                                                  rows(test[start:start + READ_ROWS]), chunk=READ_ROWS)
                                  for start in range(0, len(test), READ_ROWS)])
-        results[name] = evaluate_scores(scores, mean(test_targets))
+        results[name] = evaluate_scores(scores, test_scores)
     return results
 
 
@@ -203,8 +236,8 @@ def write_knowledge(store: FeatureStore, view: GsfView, entry: EntrySpec, spec: 
                     split: str) -> None:
     """Infer and write shard by shard: memory is bounded by one shard, not by the dataset."""
     width = spec.hidden[1]
-    output = ArraySpec(spec.label, 10 if spec.label == "distribution" else 0, "float32")
-    shard_rows = default_shard_rows(4 * (width + 10) + 32, target_bytes=8 << 20, chunk_rows=CHUNK_ROWS)
+    output = ArraySpec(spec.label, NUM_BINS if spec.label == "distribution" else 0, "float32")
+    shard_rows = default_shard_rows(4 * (width + NUM_BINS) + 32, target_bytes=8 << 20, chunk_rows=CHUNK_ROWS)
     layout = EntryLayout(rows=len(hashes), shard_rows=shard_rows, chunk_rows=CHUNK_ROWS, codec=view.entry.layout.codec,
                          arrays=(ArraySpec("feature", width, "float32"), output, ArraySpec(HASH_ARRAY, 32, "uint8")))
     writer = store.create(entry, layout, attrs={

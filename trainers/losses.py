@@ -28,6 +28,10 @@ mse_baseline       o·MSE(y_gt, ŷ_s)                       (Table XV "w/o KD", 
 
 with o = ``output_weight``, f = ``feature_weight`` (both 1 in the paper) and α = ``alpha``, the
 ground truth's share (½ in eq. 10 and 11).
+
+Each kind fits one label kind (EMD a distribution, BCE a binary label, MSE a score): that table
+is ``trainers.labels.LOSSES``, and ``trainers.labels.check_loss`` checks a pair before a run.
+``KINDS`` is read from it, so a kind cannot exist without a label it fits.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-KINDS = ("baseline", "kd", "kd_feature_only", "kd_output_only", "mixed_loss", "mixed_label",
-         "bce", "bce_baseline", "mse", "mse_baseline")
+from trainers.labels import LOSSES
+
+KINDS = tuple(kind for kinds in LOSSES.values() for kind in kinds)
 
 
 def _batch_mean(per_sample: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """One DDP rank's stream of student batches: image bytes from the dataset, knowledge from the store.
 
 Each rank reads only its own partition. The partition plan (featurestore/partition.py) runs over
-the positions of the usable rows of a split: rows of that split whose image has teacher
-knowledge (joined by image hash, so a moved or re-split dataset finds it). Those rows are sorted
-by knowledge row, so neighbouring positions share knowledge shards. Every rank
-gets the same number of rows, and so the same number of steps, which DDP needs. Padding rows
-have weight 0, so each real row counts exactly once per epoch.
+the positions of the usable rows of a split: its labelled rows (``trainers.labels.labelled_rows``,
+the images the teacher was fitted and scored on) whose image has teacher knowledge (joined by
+image hash, so a moved or re-split dataset finds it). Those rows are sorted by knowledge row, so
+neighbouring positions share knowledge shards. Every rank gets the same number of rows, and so
+the same number of steps, which DDP needs. Padding rows have weight 0, so each real row counts
+exactly once per epoch.
 
 A background thread stays up to ``prefetch`` batches ahead of training. It reads image bytes
 (local or s3://), checks their SHA-256 against the dataset index, decodes them to the student's
@@ -34,7 +35,8 @@ from featurestore.dataset_table import DatasetTable
 from featurestore.partition import World, plan_for
 from featurestore.store import FeatureStore
 from trainers.images import ImageDecoder
-from trainers.knowledge import knowledge_rows, table_targets
+from trainers.knowledge import knowledge_rows
+from trainers.labels import labelled_rows, table_targets
 
 READ_THREADS = 8
 
@@ -64,13 +66,16 @@ class SplitRows:
 
 
 def split_rows(table: DatasetTable, hashes: np.ndarray, split: str, label: str) -> SplitRows:
-    """Rows of ``split`` ("all" for every split) whose image has knowledge (``hashes``: the
-    knowledge entry's sorted row hashes), ordered by knowledge row for read locality."""
-    krows = knowledge_rows(hashes, table.sha256)
-    splits = np.asarray(table.splits, str)
-    rows = np.flatnonzero((krows >= 0) & ((splits == split) if split != "all" else True))
-    rows = rows[np.argsort(krows[rows], kind="stable")]
+    """Labelled rows of ``split`` ("all" for every split) whose image has knowledge (``hashes``:
+    the knowledge entry's sorted row hashes), ordered by knowledge row for read locality.
+
+    An empty split gives no rows (an empty test split means no validation, as the trainer
+    allows); a table without labels is a ``LabelError``."""
     targets = table_targets(label, table)
+    krows = knowledge_rows(hashes, table.sha256)
+    rows = labelled_rows(table, split, required=False)
+    rows = rows[krows[rows] >= 0]
+    rows = rows[np.argsort(krows[rows], kind="stable")]
     return SplitRows(rows, krows[rows], tuple(table.uris[rows]), table.sha256[rows], targets[rows])
 
 

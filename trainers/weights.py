@@ -22,7 +22,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +29,16 @@ from typing import Mapping
 
 import torch
 
+from featurestore.backends import S3URLError, parse_s3_url
+from featurestore.errors import UserError
+from featurestore.files import atomic_write_text
+
 #: Keys under which training scripts commonly nest the actual state dict.
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that cannot be found, read or fitted to a model; the message says what to do."""
 
 
@@ -91,12 +94,23 @@ def check_local_file(source: str) -> None:
                            "'packaged', 'hub' or 'random:<seed>'")
 
 
+def _s3_object(source: str) -> tuple[str, str]:
+    """(bucket, key) of an ``s3://`` weights URI; ``WeightsError`` unless it names an object."""
+    try:
+        bucket, key = parse_s3_url(source)
+    except S3URLError as exc:
+        raise WeightsError(f"weights: {exc}") from None
+    if not key:
+        raise WeightsError(f"weights {source!r} names a bucket, not a file; expected s3://<bucket>/<key>")
+    return bucket, key
+
+
 def _read_bytes(source: str) -> bytes:
     if source.startswith("s3://"):
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, _, key = source[len("s3://"):].partition("/")
+        bucket, key = _s3_object(source)
         try:  # endpoint and credentials: the standard AWS chain, incl. AWS_ENDPOINT_URL
             return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
         except (BotoCoreError, ClientError) as e:
@@ -228,7 +242,7 @@ def file_identity(source: str) -> list:
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, _, key = source[len("s3://"):].partition("/")
+        bucket, key = _s3_object(source)
         try:
             head = boto3.client("s3").head_object(Bucket=bucket, Key=key)
         except (BotoCoreError, ClientError) as e:
@@ -247,7 +261,7 @@ class DigestCache:
     """Digests of loaded weights by key (a JSON-able list naming model, source and file identity).
 
     A cache only saves work: an absent, unreadable or foreign file, or a malformed entry, is as if
-    empty, and a failed write is a warning. Writes are atomic (temp file + ``os.replace``) and merge
+    empty, and a failed write is a warning. Writes are atomic (``atomic_write_text``) and merge
     with what other processes wrote meanwhile.
     """
 
@@ -276,14 +290,7 @@ class DigestCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             merged = {**_read_digests(self.path), **self.added}
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"format": DIGEST_CACHE_FORMAT, "digests": merged}, f, indent=0)
-                os.replace(tmp, self.path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            atomic_write_text(self.path, json.dumps({"format": DIGEST_CACHE_FORMAT, "digests": merged}, indent=0))
         except OSError as e:
             warnings.warn(f"could not write the weights digest cache {self.path}: {e}", stacklevel=2)
             return

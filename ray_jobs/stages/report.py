@@ -37,10 +37,11 @@ import json
 import math
 import os
 import statistics
-import tempfile
 import textwrap
 from collections.abc import Iterable
 from pathlib import Path
+
+from featurestore.files import atomic_write_bytes
 
 METRICS = ("srcc", "plcc", "acc", "emd")
 METRIC_LABELS = {"srcc": "SRCC", "plcc": "PLCC", "acc": "Acc", "emd": "EMD"}
@@ -292,7 +293,7 @@ def message_figure(text: str):
 def save_figure(figure, out_dir: str | os.PathLike, name: str) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
-    write_atomically(Path(out_dir) / name, buffer.getvalue())
+    atomic_write_bytes(Path(out_dir) / name, buffer.getvalue())
     return name
 
 
@@ -398,20 +399,6 @@ def plain(value):
     raise TypeError(f"results hold a {type(value).__name__}, which JSON cannot store")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 INTRO = ("Teacher and students of *Distilling Knowledge from Object Classification to Aesthetics "
          "Assessment*, scored on the test split in the shape of the paper's Tables V and VIII. "
          "SRCC, PLCC and Acc: higher is better; EMD: lower is better. A cell with ± is the mean ± "
@@ -453,7 +440,7 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict:
     plots = {"scatter": plot_scatter(results, out), "categories": plot_categories(results, out),
              "training_curves": plot_training_curves(results, out)}
     as_json = json.dumps(results, indent=1, ensure_ascii=False, default=plain)
-    write_atomically(out / "results.json", as_json.encode())
+    atomic_write_bytes(out / "results.json", as_json.encode())
     table = results_table(results)
-    write_atomically(out / "report.md", report_markdown(results, table, plots).encode())
+    atomic_write_bytes(out / "report.md", report_markdown(results, table, plots).encode())
     return {"report": str(out / "report.md"), "table": table, "plots": [str(out / name) for name in plots.values()]}
