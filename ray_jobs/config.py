@@ -7,7 +7,9 @@ naming the key. ``--help`` lists every key with its default and meaning (the fie
 
 A config file may start from another: ``base: other.yaml`` (relative to the file) loads that file
 first and lays this one's keys over it, sections merged key by key and lists replaced. The
-paper's ablation configs are the paper config plus the few keys they change.
+paper's ablation configs are the paper config plus the few keys they change. With
+``base_keys`` a file takes only some keys of its base, possibly moved (``pick_keys``): the
+per-job paper configs take their stage's section of the pipeline config ``paper_ava.yaml``.
 """
 
 from __future__ import annotations
@@ -139,6 +141,8 @@ def read_tree(file: Path, _seen: tuple[Path, ...] = ()) -> dict:
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {str(file)!r} must hold a mapping of keys")
     if "base" not in tree:
+        if "base_keys" in tree:
+            raise ConfigError(f"config file {str(file)!r}: base_keys needs a base file to take them from")
         return tree
     base = tree.pop("base")
     if not isinstance(base, str):
@@ -146,7 +150,37 @@ def read_tree(file: Path, _seen: tuple[Path, ...] = ()) -> dict:
     base_file = (file.parent / base).resolve()
     if base_file in _seen or base_file == file.resolve():
         raise ConfigError(f"config file {str(file)!r}: base {base!r} leads back to itself")
-    return overlay(read_tree(base_file, (*_seen, file.resolve())), tree)
+    base_tree = read_tree(base_file, (*_seen, file.resolve()))
+    if "base_keys" in tree:
+        base_tree = pick_keys(base_tree, tree.pop("base_keys"), f"config file {str(file)!r}: base_keys")
+    return overlay(base_tree, tree)
+
+
+def pick_keys(tree: dict, mapping: Any, where: str) -> dict:
+    """The keys a job config takes from another file, e.g. from a pipeline config:
+    ``{store: store, ".": extract, student: "students[0]"}`` — each target key gets the value at
+    a dotted source path (``[i]`` picks a list item); target ``.`` merges a section into the top
+    level. One definition of each setting, however many configs use it."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where} must map target keys to source paths, e.g. {{store: store, '.': extract}}")
+    picked: dict = {}
+    for target, source in mapping.items():
+        value: Any = tree
+        for part in str(source).replace("[", ".[").split("."):
+            index = part[1:-1] if part.startswith("[") and part.endswith("]") else None
+            if index is not None and isinstance(value, list) and index.isdigit() and int(index) < len(value):
+                value = value[int(index)]
+            elif index is None and isinstance(value, dict) and part in value:
+                value = value[part]
+            else:
+                raise ConfigError(f"{where}: the base file has no {source!r} (for {target!r})")
+        if target == ".":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {source!r} is not a section, so it cannot be merged at the top level")
+            picked = overlay(picked, value)
+        else:
+            merge(picked, str(target).split("."), value)
+    return picked
 
 
 def overlay(base: dict, top: dict) -> dict:

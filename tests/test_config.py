@@ -81,6 +81,24 @@ def test_base_errors_name_the_file(tmp_path):
         load_config(Outer, str(orphan), [])
 
 
+def test_base_keys_take_moved_sections_of_another_file(tmp_path):
+    (tmp_path / "pipeline.yaml").write_text(
+        "root: /data\nstage: {count: 7, weights: packaged}\nitems: [{fraction: 0.1}, {fraction: 0.9}]\nother: 1\n")
+    job = tmp_path / "job.yaml"
+    job.write_text("base: pipeline.yaml\nbase_keys: {inner.path: root, inner.fraction: 'items[1].fraction', "
+                   "'.': stage}\nflag: true\n")
+    # `other` is not taken (Outer would refuse it); the section lands at the top; own keys win
+    assert load_config(Outer, str(job), ["count=8"]) == Outer(Inner("/data", 0.9), ("a",), "packaged", 8, True)
+    for mapping, message in (("{count: nowhere}", "has no 'nowhere'"), ("{count: 'items[5]'}", "has no 'items\\[5\\]'"),
+                             ("{'.': root}", "not a section"), ("[root]", "must map target keys")):
+        job.write_text(f"base: pipeline.yaml\nbase_keys: {mapping}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(Outer, str(job), [])
+    job.write_text("base_keys: {count: other}\n")
+    with pytest.raises(ConfigError, match="needs a base file"):
+        load_config(Outer, str(job), [])
+
+
 def test_help_lists_every_key_with_default():
     text = "\n".join(describe_keys(Outer))
     for key in ("inner.path", "inner.fraction", "names", "weights", "count", "flag"):
