@@ -36,7 +36,8 @@ from featurestore.partition import World  # noqa: E402
 from featurestore.specs import BackboneSpec, ExtractorSpec  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
 from featurestore.views import GsfView, import_features  # noqa: E402
-from trainers.distiller import DistillerSpec, prediction  # noqa: E402
+from trainers.distiller import DistillerSpec  # noqa: E402
+from trainers.labels import prediction  # noqa: E402
 from trainers.knowledge import distill, knowledge_hashes  # noqa: E402
 from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss  # noqa: E402
 from trainers.student import StudentSpec, build_student, decoder_for, view_size  # noqa: E402

@@ -9,18 +9,22 @@ its other students when one of them cannot load its weights.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from scipy.stats import pearsonr, spearmanr
 
 from featurestore.backends import Backend
 from ray_jobs.config import ConfigError, load_config
-from ray_jobs.pipeline import PipelineConfig, plan_experiments, staged_report
+from ray_jobs.stages.pipeline import PipelineConfig, plan_experiments, staged_report
+from trainers.metrics import mean_score
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = {"backbone": "tf_efficientnet_lite0", "weights": "packaged", "view": "resize:64"}
@@ -50,6 +54,24 @@ def run_pipeline(config_file: Path, *overrides: str) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+def ava_votes(root: Path) -> dict[str, np.ndarray]:
+    return {f[1]: np.array(f[2:12], float) for f in map(str.split, (root / "AVA.txt").read_text().splitlines())}
+
+
+def emd(pred: np.ndarray, votes: np.ndarray) -> float:
+    """Eq. 3 (r = 2) per image, averaged: numpy, not the project's metrics code."""
+    gt = votes / votes.sum(1, keepdims=True)
+    return float(np.mean(np.sqrt(np.mean((np.cumsum(pred, 1) - np.cumsum(gt, 1)) ** 2, axis=1))))
+
+
+def assert_correlations(metrics: dict, pred_mean: list[float], gt_mean: list[float]) -> None:
+    """SRCC and PLCC (scipy) and Acc at 5 (high: ≥ 5) of these scores are the reported ones."""
+    pred, gt = np.asarray(pred_mean), np.asarray(gt_mean)
+    assert metrics["srcc"] == pytest.approx(spearmanr(pred, gt).statistic, abs=1e-9)
+    assert metrics["plcc"] == pytest.approx(pearsonr(pred, gt).statistic, abs=1e-9)
+    assert metrics["acc"] == pytest.approx(np.mean((pred >= 5) == (gt >= 5)), abs=1e-12)
+
+
 def snapshot(store: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(store)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in store.rglob("*") if p.is_file()}
@@ -58,6 +80,10 @@ def snapshot(store: Path) -> dict[str, tuple[int, int]]:
 def test_second_run_with_other_experiments_reuses_features_and_knowledge(tmp_path):
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+
+    plan = run_pipeline(config_file, "--check")[0]  # nothing exists yet: everything to compute, nothing made
+    assert plan["demo_data"] and plan["to_compute"] == {"images": 24, "knowledge_fits": 1, "student_runs": 1}
+    assert not (tmp_path / "data").exists() and not (tmp_path / "store").exists()
 
     first, _ = run_pipeline(config_file)
     assert first["extract"]["computed_rows"] == 24 and first["extract"]["forward_passes"] > 0
@@ -71,15 +97,41 @@ def test_second_run_with_other_experiments_reuses_features_and_knowledge(tmp_pat
     rows = [line for line in first["table"].splitlines() if line.startswith(("| Teacher", "| Student"))]
     assert len(rows) == 2 and "kd" in rows[1]
     kd_run = first["students"][0]
-    assert 0 <= kd_run["metrics"]["acc"] <= 1 and kd_run["metrics"]["emd"] > 0
     record = json.loads((report.parent / "runs" / f"{kd_run['name']}.json").read_text())
     assert len(record["pred_mean"]) == len(record["gt_mean"]) == record["n"] > 0
     assert [h["epoch"] for h in record["history"]] == [0]
+    # the reported metrics are those of the per-image scores the run wrote
+    assert kd_run["metrics"] == record["metrics"]
+    assert_correlations(record["metrics"], record["pred_mean"], record["gt_mean"])
+    votes = ava_votes(tmp_path / "data")
+    with (report.parent / "predictions" / f"{kd_run['name']}.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["gt_mean"]) for r in rows] == pytest.approx(record["gt_mean"], rel=1e-5)
+    assert [float(r["pred_mean"]) for r in rows] == pytest.approx(record["pred_mean"], rel=1e-5)
+    gt = np.array([mean_score(votes[r["image_id"]][None])[0] for r in rows])
+    np.testing.assert_allclose(gt, record["gt_mean"], rtol=1e-12)  # the votes of the very images
+    pred = np.array([[float(r[f"pred_p{k}"]) for k in range(1, 11)] for r in rows])
+    assert record["metrics"]["emd"] == pytest.approx(emd(pred, np.array([votes[r["image_id"]] for r in rows])),
+                                                     abs=1e-5)
+    results = json.loads((report.parent / "results.json").read_text())
+    (teacher,) = [run for m in results["models"] if m["role"] == "teacher" for run in m["runs"]]
+    assert len(teacher["gt_mean"]) == len(teacher["pred_mean"]) == teacher["metrics"]["n"] > 0
+    assert_correlations(teacher["metrics"], teacher["pred_mean"], teacher["gt_mean"])
+    assert sorted(teacher["gt_mean"]) == pytest.approx(sorted(record["gt_mean"]))  # the same test images
 
     store = tmp_path / "store"
     before = snapshot(store)
     broken = {**STUDENT, "weights": str(tmp_path / "missing.safetensors")}
-    second, log = run_pipeline(config_file, "losses=[kd, baseline]", f"students={json.dumps([STUDENT, broken])}")
+    changes = ("losses=[kd, baseline]", f"students={json.dumps([STUDENT, broken])}")
+    plan = run_pipeline(config_file, "--check", *changes)[0]
+    assert plan["extract"]["entry"] == first["extract"]["entry"] and plan["extract"]["reused"]
+    assert [(s["entry"], s["reused"]) for s in plan["splits"]] == [(first["distill"]["entry"], True)]
+    assert [s["reused"] for s in plan["students"]] == [s["name"] == kd_run["name"] for s in plan["students"]]
+    assert plan["to_compute"] == {"images": 0, "knowledge_fits": 0, "student_runs": 3}
+    assert snapshot(store) == before
+    second, log = run_pipeline(config_file, *changes)
+    assert sorted(s["name"] for s in plan["students"]) == \
+        sorted([s["name"] for s in second["students"]] + [f["name"] for f in second["failed"]])
 
     assert second["extract"] == {**first["extract"], "forward_passes": 0, "reused": True, "computed_rows": 0,
                                  "seconds": 0.0}
@@ -122,7 +174,7 @@ def test_each_split_is_its_own_set_of_experiments(tmp_path):
 
 
 def test_the_report_gives_the_range_of_the_improvement_over_splits():
-    from ray_jobs.report import comparison_lines
+    from ray_jobs.stages.report import comparison_lines
 
     def student(loss, split, srccs):
         runs = [{"seed": i, "metrics": {"srcc": v, "emd": 0.1}, "seconds": 1.0, "reused": False}

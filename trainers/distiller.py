@@ -142,8 +142,3 @@ def matching_scores(read_train, train_rows: int, train_score: np.ndarray, test: 
         better = value > best
         best[better], out[better] = value[better], train_score[start + top[better]]
     return out
-
-
-# TEMPORARY, until ray_jobs/* and trainers/student.py, trainers/train_loop.py import these from
-# trainers.labels: delete this line then. Nothing in this module uses them.
-from trainers.labels import LABELS, NUM_BINS, evaluate_label, targets_for  # noqa: E402,F401

@@ -38,8 +38,10 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from featurestore import sources
+from featurestore.errors import UserError
+from featurestore.files import atomic_write_bytes
 from trainers.backbones import NORMALISATION, canonical_name, create_model
-from trainers.distiller import LABELS, NUM_BINS, prediction
+from trainers.labels import LABELS, NUM_BINS, prediction
 from trainers.images import ImageDecoder, _dali_installed
 from trainers.weights import PACKAGED, load_into, read_state_dict, state_digest
 
@@ -50,7 +52,7 @@ READ_THREADS = 8  # image reads are I/O bound (S3 especially)
 _VIEW = re.compile(r"resize:(\d+)(?:x(\d+))?|pad_crop:(\d+):(\d+)")
 
 
-class StudentError(ValueError):
+class StudentError(UserError, ValueError):
     """A student spec or checkpoint that cannot be used; the message names it and what to do."""
 
 
@@ -197,12 +199,6 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_student(directory: str | os.PathLike, model: nn.Module, spec: StudentSpec,
                  extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` then ``student.json`` into the local ``directory``.
@@ -218,17 +214,16 @@ def save_student(directory: str | os.PathLike, model: nn.Module, spec: StudentSp
     document = {"format": CHECKPOINT_FORMAT, "spec": spec.to_json(), "state_digest": state_digest(state),
                 "extra": dict(extra or {})}
     text = json.dumps(document, indent=2, allow_nan=False)  # fails before any file is written
-    _write(directory / WEIGHTS_FILE, safetensors_bytes(state, metadata={"format": "pt"}))
-    _write(directory / SPEC_FILE, (text + "\n").encode())
+    atomic_write_bytes(directory / WEIGHTS_FILE, safetensors_bytes(state, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / SPEC_FILE, (text + "\n").encode())
     return directory
 
 
-def load_student(checkpoint: str | os.PathLike) -> tuple[Student, StudentSpec, dict[str, Any]]:
-    """``(student in eval mode on CPU, spec, extra)`` from a local directory or an ``s3://`` prefix.
-
-    The architecture is built from the spec without reading ``spec.weights`` (the checkpoint
-    holds every weight), then loaded strictly and checked against the recorded digest.
-    """
+def read_checkpoint(checkpoint: str | os.PathLike) -> tuple[StudentSpec, dict[str, torch.Tensor], dict[str, Any]]:
+    """``(spec, state dict, extra)`` of a checkpoint in a local directory or under an ``s3://``
+    prefix, checked: ``student.json`` must be a student checkpoint and ``model.safetensors`` the
+    weights it was saved with (state digest). Every way of loading a checkpoint goes through here,
+    so a corrupt or mixed checkpoint is a ``StudentError``, never silently loaded."""
     root = sources.normalize(str(checkpoint))
     spec_uri, weights_uri = sources.join(root, SPEC_FILE), sources.join(root, WEIGHTS_FILE)
     try:
@@ -246,9 +241,36 @@ def load_student(checkpoint: str | os.PathLike) -> tuple[Student, StudentSpec, d
     if state_digest(state) != document["state_digest"]:
         raise StudentError(f"checkpoint {root}: {WEIGHTS_FILE} is not the file {SPEC_FILE} was saved with "
                            "(state digest differs); the checkpoint is corrupt or mixed from two saves")
+    return spec, state, document.get("extra", {})
+
+
+def load_student(checkpoint: str | os.PathLike) -> tuple[Student, StudentSpec, dict[str, Any]]:
+    """``(student in eval mode on CPU, spec, extra)`` from a local directory or an ``s3://`` prefix.
+
+    The architecture is built from the spec without reading ``spec.weights`` (the checkpoint
+    holds every weight), then loaded strictly and checked against the recorded digest.
+    """
+    spec, state, extra = read_checkpoint(checkpoint)
     model = Student(spec, _backbone(spec, "random:0"))
-    load_into(model, state, weights_uri)
-    return model, spec, document.get("extra", {})
+    load_into(model, state, sources.join(sources.normalize(str(checkpoint)), WEIGHTS_FILE))
+    return model, spec, extra
+
+
+def restore_student(model: Student, checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint into ``model`` (resuming a run) and return its ``extra``.
+
+    The same checks as :func:`load_student` (a corrupt or mixed checkpoint is a ``StudentError``),
+    and the checkpoint must have been saved for ``model.spec``: a run resumed under its name with
+    another student would otherwise continue from weights that are not its own.
+    """
+    spec, state, extra = read_checkpoint(checkpoint)
+    if spec != model.spec:
+        ours, theirs = model.spec.to_json(), spec.to_json()
+        changed = ", ".join(f"{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs[k])
+        raise StudentError(f"checkpoint {checkpoint} belongs to another student ({changed}); "
+                           "give this run another name to start it afresh")
+    load_into(model, state, sources.join(sources.normalize(str(checkpoint)), WEIGHTS_FILE))
+    return extra
 
 
 @dataclass(frozen=True, eq=False)

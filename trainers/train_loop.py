@@ -12,7 +12,11 @@ writes a checkpoint:
   curves.
 
 Ray Train keeps the checkpoint under ``storage_path/name``. When a worker dies, or the run is
-restarted under the same name, training resumes at the epoch after the last checkpoint.
+restarted under the same name, training resumes at the epoch after the last checkpoint
+(:func:`resume`): the weights are loaded with the student's own checks (state digest, same
+student), and a resumed run's per-epoch losses and metrics are those of an uninterrupted one —
+the data order is a pure function of (seed, epoch) and nothing else in an epoch draws random
+numbers, so the model, optimizer and scheduler state are all there is to restore.
 """
 
 from __future__ import annotations
@@ -25,19 +29,21 @@ import time
 import numpy as np
 import torch
 
+from featurestore.errors import UserError
 from featurestore.partition import World
 from featurestore.store import FeatureStore
 from featurestore.views import get_table
-from trainers.distiller import evaluate_label, prediction
+from trainers.labels import evaluate_label, prediction
 from trainers.knowledge import knowledge_hashes
 from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
-from trainers.student import StudentSpec, build_student, decoder_for, save_student, view_size
+from trainers.student import (StudentError, StudentSpec, build_student, decoder_for, restore_student, save_student,
+                              view_size)
 from trainers.student_data import StudentStream, split_rows
 
 OPTIMIZER_FILE, STATE_FILE, HISTORY_FILE = "optimizer.safetensors", "trainer_state.json", "history.json"
 
 
-class UnreadableImages(RuntimeError):
+class UnreadableImages(UserError, RuntimeError):
     """Too many of an epoch's images could not be read, or no longer match the index."""
 
 
@@ -75,6 +81,27 @@ def load_history(directory: str) -> list[dict]:
         return []
     with open(path) as f:
         return json.load(f)
+
+
+def resume(directory: str, model, optimizer: torch.optim.Optimizer, scheduler, config: dict) -> tuple[int, list[dict]]:
+    """Restore a run from its checkpoint ``directory``: the model through the student's checked
+    loading (``trainers.student.restore_student``: a corrupt or mixed checkpoint, or one of another
+    student, is a ``StudentError``, never silently loaded), then the optimizer, the scheduler and
+    the history. Returns the epoch to continue at and the history so far."""
+    extra = restore_student(model, directory)
+    mine = {"knowledge_entry": config["knowledge_entry"], "loss": config["loss"]}
+    if changed := sorted(k for k, v in mine.items() if extra.get(k) != v):
+        raise StudentError(f"checkpoint {directory} was trained with another {' and '.join(changed)} "
+                           f"({', '.join(f'{k}={extra.get(k)!r}' for k in changed)}); give this run another name "
+                           "to start it afresh")
+    epoch = load_trainer_state(directory, optimizer, scheduler)
+    if extra.get("epoch") != epoch:
+        raise StudentError(f"checkpoint {directory}: the weights are from epoch {extra.get('epoch')} but the "
+                           f"optimizer state from epoch {epoch}; the checkpoint is mixed from two saves")
+    history = load_history(directory)
+    if history and [h.get("epoch") for h in history] != list(range(epoch + 1)):
+        raise StudentError(f"checkpoint {directory}: {HISTORY_FILE} does not hold epochs 0..{epoch}")
+    return epoch + 1, history
 
 
 def _distributed() -> bool:
@@ -124,11 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, history = 0, []
     if checkpoint := ray.train.get_checkpoint():
         with checkpoint.as_directory() as directory:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-            start_epoch = load_trainer_state(directory, optimizer, scheduler) + 1
-            history = load_history(directory)
+            start_epoch, history = resume(directory, model, optimizer, scheduler, config)
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
         if world_size > 1 else model
 

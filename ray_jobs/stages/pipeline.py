@@ -154,7 +154,8 @@ def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | Non
     mean equal experiments."""
     split = split or cfg.split_list[0]
     suffix = f" [{split}]" if len(cfg.split_list) > 1 else ""
-    losses = [LossConfig(kind=loss) if isinstance(loss, str) else loss for loss in cfg.losses]
+    losses = [from_dict(LossConfig, {"kind": loss}, prefix="losses.") if isinstance(loss, str) else loss
+              for loss in cfg.losses]
     experiments = []
     for student in cfg.students:
         for loss in losses:
