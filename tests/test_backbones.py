@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import boto3
+import numpy as np
 import pytest
 import skimage.data
 import timm
@@ -15,8 +16,10 @@ from safetensors.torch import save_file
 
 from featurestore.specs import ExtractorSpec
 from trainers import weights as weights_mod
-from trainers.backbones import (BackboneError, CUSTOM, Backbone, build_extractor, canonical_name, create_model,
-                                expand_names, load_backbone)
+from timm.layers import StdConv2d
+
+from trainers.backbones import (AUTOCAST_BF16, BackboneError, CUSTOM, Backbone, MLSPExtractor, build_extractor,
+                                canonical_name, create_model, expand_names, load_backbone, prepare_for_inference)
 from trainers.weights import PackagedWeights, WeightsError, read_state_dict, state_digest
 
 SIZES = [(64, 96), (101, 67)]  # two resolutions, one odd, as full-resolution images are
@@ -213,6 +216,42 @@ def test_ig_resnext_takes_torchvision_weights():
         torch.testing.assert_close(timm_small(x), tv_small(x))
 
 
+def float16_ulps(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest distance between ``a`` and ``b`` in float16 units in the last place."""
+    def ordered(x):
+        bits = x.astype(np.float16).view(np.int16).astype(np.int32)
+        return np.where(bits < 0, -(bits + 32768), bits)
+
+    return int(np.abs(ordered(a) - ordered(b)).max())
+
+
+def test_bit_std_conv_folded_once_gives_the_same_gsf_bytes():
+    """BiT's weight standardisation, folded at load, keeps every GSF bit (so no spec change)."""
+    folded = build_extractor("resnetv2_50x1_bit", "random:0", device="cpu")
+    assert not any(isinstance(m, StdConv2d) for m in folded.modules())
+    reference = load_backbone("resnetv2_50x1_bit", "random:0")  # timm's StdConv2d, standardising per call
+    assert any(isinstance(m, StdConv2d) for m in reference.modules())
+    assert folded.specs == (reference.spec,)  # identity of the weights as loaded
+    for size in SIZES:
+        x = images(*size)
+        with torch.inference_mode():
+            expected = reference(x).numpy().astype(np.float16)
+        got = folded(x).numpy().astype(np.float16)
+        assert float16_ulps(got, expected) == 0 and got.tobytes() == expected.tobytes()
+
+
+def test_bf16_preparation_holds_exactly_the_autocast_cast_layers_in_bf16():
+    """The CUDA branch's weight preparation, run on CPU: plain convs and linears in bfloat16,
+    norms in float32; the CPU extractor itself keeps float32 everywhere."""
+    backbone = load_backbone("resnet18", "random:0")
+    prepare_for_inference(backbone, bf16=True)
+    for module in backbone.modules():
+        for p in module.parameters(recurse=False):
+            assert p.dtype == (torch.bfloat16 if type(module) in AUTOCAST_BF16 else torch.float32), module
+    cpu = MLSPExtractor([load_backbone("resnet18", "random:0")], device="cpu")
+    assert {p.dtype for p in cpu.parameters()} == {torch.float32}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_extractor_tracks_cpu_float32():
@@ -221,6 +260,20 @@ def test_cuda_bf16_extractor_tracks_cpu_float32():
     a, b = cpu(x), cuda(x).cpu()
     assert cuda.compute_dtype == "bfloat16" and b.dtype == torch.float32
     assert (a - b).norm() / a.norm() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_weights_give_the_autocast_bytes():
+    """Weights held in bfloat16 (and BiT folded) compute what per-call autocast casts compute."""
+    for name in ("resnet18", "resnetv2_50x1_bit"):
+        prepared = build_extractor(name, "random:0", device="cuda")
+        reference = load_backbone(name, "random:0").cuda().to(memory_format=torch.channels_last)
+        x = images(224, 288).cuda().contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            expected = reference(x).cpu().numpy().astype(np.float16)
+        got = prepared(x).cpu().numpy().astype(np.float16)
+        assert float16_ulps(got, expected) == 0, name
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,12 +16,15 @@ import torch
 from image_data import good_images, jpeg_bytes, write_ava
 from PIL import Image
 
-from featurestore.layout import STATUS_FAILED, STATUS_OK
+from featurestore.features import GSF_ARRAY, HASH_ARRAY, SEGMENT_KIND
+from featurestore.layout import STATUS_FAILED, STATUS_OK, ArraySpec, EntryLayout
+from featurestore.specs import EntrySpec
 from featurestore.store import FeatureStore
 from featurestore.views import GsfView
 from ray_jobs.config import load_config
 from ray_jobs.extract import ExtractConfig, main
 from trainers.backbones import build_extractor
+from trainers.extraction import ShardActor, ShardExtractor, ShardTask, input_policy, size_batches
 from trainers.images import ImageDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,3 +172,73 @@ def test_gpu_extraction_uses_bf16_and_mixed_decode(ray_local, tmp_path):
                      "weights=random:0", "device=cuda")
     spec = FeatureStore(str(tmp_path / "store")).open(result["segment"]).spec
     assert spec.identity["extractor"]["compute_dtype"] == "bfloat16" and result["ok"] == 6
+
+
+def shard_tasks(tmp_path, images: dict[str, bytes], shard_rows: int) -> tuple[dict, list[ShardTask]]:
+    """ShardExtractor arguments for a resnet18 segment of ``images`` written to files, and its tasks."""
+    uris, digests = [], []
+    for name, data in images.items():
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+        uris.append(str(tmp_path / f"{name}.jpg"))
+        digests.append(hashlib.sha256(data).hexdigest())
+    extractor = build_extractor(["resnet18"], "random:0", device="cpu").extractor_spec(
+        input_policy=input_policy(4096 ** 2))
+    spec = EntrySpec(kind=SEGMENT_KIND,
+                     identity={"extractor": extractor.to_json(), "images": "test", "rows": len(uris)})
+    layout = EntryLayout(rows=len(uris), shard_rows=shard_rows, chunk_rows=shard_rows,
+                         arrays=(ArraySpec(GSF_ARRAY, extractor.width, "float16"), ArraySpec(HASH_ARRAY, 32, "uint8")))
+    kwargs = {"store": str(tmp_path / "store"), "spec": spec.to_json(), "layout": layout.to_json(),
+              "backbones": ["resnet18"], "weights": "random:0", "max_pixels": 4096 ** 2, "batch_size": 2,
+              "device": "cpu"}
+    tasks = [ShardTask(shard, start, tuple(uris[start:start + shard_rows]), tuple(digests[start:start + shard_rows]))
+             for shard, start in enumerate(range(0, len(uris), shard_rows))]
+    return kwargs, tasks
+
+
+def test_pipelined_shards_are_bit_equal_to_a_sequential_forward(tmp_path):
+    """run_all overlaps loading, forwarding and writing across shards; the bytes must not change."""
+    images = good_images(10)
+    kwargs, tasks = shard_tasks(tmp_path, images, shard_rows=4)
+    extractor = ShardExtractor(**kwargs)
+    results = extractor.run_all(tasks)
+    assert [(r.shard, r.rows, r.ok, r.failed) for r in results] == [(0, 4, 4, 0), (1, 4, 4, 0), (2, 2, 2, 0)]
+    stored = FeatureStore(kwargs["store"]).open(EntrySpec.from_json(kwargs["spec"]).key, require_complete=False)
+
+    reference = build_extractor(["resnet18"], "random:0", device="cpu")  # shard by shard, as before pipelining
+    decoded = [d.image for d in ImageDecoder(device="cpu").decode(list(images.values()))]
+    for task in tasks:
+        rows = range(task.start, task.start + len(task.uris))
+        sizes = {r: tuple(decoded[r].shape[:2]) for r in rows}
+        expected = np.zeros((len(images), reference.width), np.float16)
+        for batch in size_batches(sizes, 2, 4 * 1024 * 1024):
+            x = torch.stack([decoded[r] for r in batch]).permute(0, 3, 1, 2)
+            expected[batch] = reference(x).numpy().astype(np.float16)
+        got = stored.read_range(task.start, task.start + len(task.uris), [GSF_ARRAY])[GSF_ARRAY]
+        assert got.tobytes() == expected[task.start:task.start + len(task.uris)].tobytes()
+
+    assert [r.forward_passes for r in extractor.run_all(tasks)] == [0, 0, 0]  # committed: resumed, not redone
+
+
+def test_a_failed_background_write_surfaces_and_leaves_only_its_shard_uncommitted(tmp_path, monkeypatch):
+    kwargs, tasks = shard_tasks(tmp_path, good_images(6), shard_rows=2)
+    actor = ShardActor(**kwargs, threads=torch.get_num_threads())  # leaves the setting as is
+    writer = actor.extractor.writer
+    write_shard = writer.write_shard
+
+    def failing(shard, *args, **kw):
+        if shard == 1:
+            raise OSError("disk full")
+        return write_shard(shard, *args, **kw)
+
+    monkeypatch.setattr(writer, "write_shard", failing)
+    batch = {"task": np.array([json.dumps({"shard": t.shard, "start": t.start, "uris": t.uris, "sha256": t.sha256})
+                               for t in tasks], dtype=object)}
+    with pytest.raises(OSError, match="disk full"):
+        actor(batch)  # the call fails, so Ray Data retries it and the job reports what stays missing
+    assert writer.missing_shards() == [1]  # the other shards of the call still committed
+
+    monkeypatch.setattr(writer, "write_shard", write_shard)  # the retry: committed shards are skipped
+    results = [json.loads(r) for r in actor(batch)["result"]]
+    assert [(r["shard"], r["ok"], r["forward_passes"] > 0) for r in results] == [
+        (0, 0, False), (1, 2, True), (2, 0, False)]
+    assert writer.missing_shards() == []

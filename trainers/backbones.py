@@ -24,8 +24,10 @@ from typing import Mapping, Sequence
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Conv2dSame, StdConv2d
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
+from torch.nn import functional as F
 
 from featurestore.errors import UserError
 from featurestore.specs import BackboneSpec, ExtractorSpec
@@ -54,6 +56,8 @@ NORMALISATION = {
     **{name: ((127 / 255,) * 3, (128 / 255,) * 3) for name in GROUPS["lite_trio"]},
 }
 MLSP_LEVELS = 5
+#: Layers whose forward is one autocast-cast op on their parameters (see ``prepare_for_inference``).
+AUTOCAST_BF16 = (nn.Conv2d, Conv2dSame, nn.Linear)
 
 
 class BackboneError(UserError, ValueError):
@@ -175,14 +179,19 @@ class MLSPExtractor(nn.Module):
     ``forward`` takes uint8 or float RGB [B, 3, H, W] on a 0..255 scale (any device) and returns
     [B, width] float32 on the extractor's device. On CUDA the backbones run channels-last under
     bfloat16 autocast; on CPU in float32. Pooling always accumulates in float32.
+
+    The weights are prepared for inference once, here, instead of on every call (see
+    ``prepare_for_inference``); the specs keep the identity of the weights as loaded.
     """
 
     def __init__(self, backbones: Sequence[Backbone], device: str | torch.device | None = None):
         super().__init__()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cuda_mode = self.device.type == "cuda"
-        self.backbones = nn.ModuleList(backbones).to(
-            self.device, memory_format=torch.channels_last if self.cuda_mode else torch.preserve_format)
+        self.backbones = nn.ModuleList(backbones).to(self.device)
+        prepare_for_inference(self.backbones, bf16=self.cuda_mode)  # on the device: its own arithmetic
+        if self.cuda_mode:
+            self.backbones.to(memory_format=torch.channels_last)
         self.compute_dtype = "bfloat16" if self.cuda_mode else "float32"
 
     @property
@@ -203,6 +212,43 @@ class MLSPExtractor(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.cuda_mode):
             return torch.cat([b(x) for b in self.backbones], dim=1)
+
+
+def prepare_for_inference(module: nn.Module, bf16: bool) -> None:
+    """Do once what the forward would redo per call, without changing its numbers.
+
+    * timm's ``StdConv2d`` (BiT) standardises its weight on every forward: each becomes a plain
+      ``Conv2d`` holding the standardised weight, computed by the very expression StdConv2d
+      uses, so the convolution sees bit-identical weights (tests/test_backbones.py checks the
+      GSF bytes).
+    * ``bf16``: the parameters of plain convolutions and linear layers (``AUTOCAST_BF16``) are
+      held in bfloat16. Autocast casts exactly these to bfloat16 on every call (round to
+      nearest either way), so the result is the same and the per-call casts and their float32
+      copies disappear. Norms keep float32 parameters as under autocast, and so do conv
+      subclasses that compute on their weight (e.g. ``ScaledStdConv2d``). Used on CUDA; the CPU
+      path stays float32.
+    """
+    for name, child in list(module.named_children()):
+        if type(child) is StdConv2d:
+            child = _folded_std_conv(child)
+            setattr(module, name, child)
+        else:
+            prepare_for_inference(child, bf16)
+        if bf16 and type(child) in AUTOCAST_BF16:
+            child.to(torch.bfloat16)
+
+
+def _folded_std_conv(conv: StdConv2d) -> nn.Conv2d:
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=conv.bias is not None, device=conv.weight.device,
+                      dtype=conv.weight.dtype)
+    with torch.no_grad():
+        weight = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, training=True,
+                              momentum=0., eps=conv.eps).reshape_as(conv.weight)  # = StdConv2d.forward
+        plain.weight.copy_(weight)
+        if conv.bias is not None:
+            plain.bias.copy_(conv.bias)
+    return plain.eval()
 
 
 def build_extractor(names: str | Sequence[str], weights: str | Mapping[str, str] = "random:0",

@@ -13,6 +13,14 @@ Every row ends up either ok or failed with a reason that belongs to the image (m
 changed bytes, undecodable, forward error, non-finite features); the job never stops for one bad
 image. An I/O error that is not "the object is gone" fails the shard instead, so a transient
 fault is retried and never becomes a permanent failed row.
+
+``run_all`` pipelines the shards of one call so the backbones do not wait on I/O: while shard
+*i* is forwarded, a loader thread reads, hash-checks and decodes shard *i + 1* (one shard ahead,
+so memory holds at most two shards of images) and a writer thread commits shard *i − 1* (one
+write pending). Each stage does its own work in the sequential order, so rows, batches and bytes
+are those of one-shard-at-a-time. A shard whose read or write fails stays uncommitted while the
+others of the call go on; the call then raises, and no result is returned before every shard's
+commit has returned.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -98,11 +106,68 @@ class ShardExtractor:
         self.batch_size, self.batch_pixels = batch_size, batch_pixels
         self.forward_passes = 0
 
-    def run(self, task: ShardTask) -> ShardResult:
-        started = time.perf_counter()
+    def run_all(self, tasks: Sequence[ShardTask]) -> list[ShardResult]:
+        """Compute and commit ``tasks`` in order, loading the next shard and writing the previous
+        one while the current one is forwarded (see the module docstring).
+
+        A shard whose load, compute or write fails stays uncommitted and the others go on; then
+        the first error is raised, so the call is retried and redoes exactly the uncommitted
+        shards (a shard that fails for good does not take the rest of its call with it). A
+        shard's ``seconds`` is the wall time the pipeline spent on it, so the results' sum is
+        the call's wall time.
+        """
+        results: list[ShardResult | None] = [None] * len(tasks)
+        errors: list[Exception] = []
+        # Leaving the executors waits for their work: a pending write always finishes.
+        with ThreadPoolExecutor(1, thread_name_prefix="shard-load") as loader, \
+                ThreadPoolExecutor(1, thread_name_prefix="shard-write") as writer:
+            upcoming = loader.submit(self._load, tasks[0]) if tasks else None
+            pending: tuple[int, Future] | None = None  # the one write in flight, by task index
+            mark = time.perf_counter()
+            for i, task in enumerate(tasks):
+                try:
+                    loaded = upcoming.result()
+                except Exception as exc:  # noqa: BLE001 - this shard stays uncommitted; the others go on
+                    errors.append(exc)
+                    continue
+                finally:
+                    upcoming = loader.submit(self._load, tasks[i + 1]) if i + 1 < len(tasks) else None
+                if loaded is None:  # an earlier attempt committed it
+                    results[i] = ShardResult(task.shard, len(task.uris), 0, 0, 0, 0.0)
+                    continue
+                images, failures = loaded
+                forwards_before = self.forward_passes
+                arrays = self._compute(task, images, failures)
+                if pending is not None:
+                    self._commit(results, *pending, errors)
+                pending = (i, writer.submit(self.writer.write_shard, task.shard, arrays, failures=failures))
+                now = time.perf_counter()
+                results[i] = ShardResult(task.shard, len(task.uris), 0, 0, self.forward_passes - forwards_before,
+                                         now - mark)
+                mark = now
+            if pending is not None:
+                self._commit(results, *pending, errors)
+                last = results[pending[0]]
+                results[pending[0]] = dataclasses.replace(last, seconds=last.seconds + time.perf_counter() - mark)
+        if errors:
+            raise errors[0]
+        return results
+
+    @staticmethod
+    def _commit(results: list[ShardResult | None], index: int, write: Future, errors: list[Exception]) -> None:
+        """Wait for a shard's write and record its commit's counts, or its error."""
+        try:
+            commit = write.result()
+        except Exception as exc:  # noqa: BLE001 - the shard stays uncommitted; the others go on
+            errors.append(exc)
+            return
+        results[index] = dataclasses.replace(results[index], ok=commit.ok, failed=commit.failed)
+
+    def _load(self, task: ShardTask) -> tuple[dict[int, torch.Tensor], dict[int, str]] | None:
+        """Decoded images and failures by row; None when the shard is committed already. Runs on
+        the loader thread, the only user of the decoder."""
         if self.writer.is_committed(task.shard):
-            return ShardResult(task.shard, len(task.uris), 0, 0, 0, 0.0)  # an earlier attempt wrote it
-        forwards_before = self.forward_passes
+            return None
         failures: dict[int, str] = {}
         encoded = self._read(task, failures)
         images = {}
@@ -112,13 +177,16 @@ class ShardExtractor:
                 failures[row] = f"cannot decode {task.uris[row - task.start]}: {decoded.reason}"
             else:
                 images[row] = decoded.image
+        return images, failures
+
+    def _compute(self, task: ShardTask, images: dict[int, torch.Tensor],
+                 failures: dict[int, str]) -> dict[str, np.ndarray]:
+        """The shard's arrays as the store takes them; forward failures are added to ``failures``."""
         features = np.zeros((len(task.uris), self.extractor.width), np.float16)
         for row, vector in self._forward(images, failures).items():
             features[row - task.start] = vector
         hashes = np.frombuffer(bytes.fromhex("".join(task.sha256)), np.uint8).reshape(-1, 32)
-        commit = self.writer.write_shard(task.shard, {GSF_ARRAY: features, HASH_ARRAY: hashes}, failures=failures)
-        return ShardResult(task.shard, len(task.uris), commit.ok, commit.failed,
-                           self.forward_passes - forwards_before, time.perf_counter() - started)
+        return {GSF_ARRAY: features, HASH_ARRAY: hashes}
 
     def _read(self, task: ShardTask, failures: dict[int, str]) -> dict[int, bytes]:
         """Image bytes by row; rows whose file is missing or changed since the manifest fail."""
@@ -181,10 +249,7 @@ class ShardActor:
         self.extractor = ShardExtractor(**kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = []
-        for text in batch["task"]:
-            task = json.loads(str(text))
-            result = self.extractor.run(ShardTask(task["shard"], task["start"], tuple(task["uris"]),
-                                                  tuple(task["sha256"])))
-            results.append(json.dumps(dataclasses.asdict(result)))
-        return {"result": np.array(results, dtype=object)}
+        tasks = [json.loads(str(text)) for text in batch["task"]]
+        results = self.extractor.run_all([ShardTask(t["shard"], t["start"], tuple(t["uris"]), tuple(t["sha256"]))
+                                          for t in tasks])
+        return {"result": np.array([json.dumps(dataclasses.asdict(r)) for r in results], dtype=object)}

@@ -233,6 +233,10 @@ def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, ha
         tasks.append({"task": json.dumps({"shard": shard, "start": start, "uris": uris[start:stop],
                                           "sha256": hexes[start:stop]})})
     workers = min(cfg.workers, len(shards))
+    # Several shards per actor call let the actor load the next shard and write the previous one
+    # while it forwards (ShardExtractor.run_all); a few per call, so the pool still balances and
+    # a retried call skips its committed shards.
+    shards_per_call = max(1, min(4, len(shards) // workers))
     # A shard is idempotent until committed, so a failed shard task is retried, a lost actor is
     # replaced, and a shard that fails for good is dropped here and reported by the caller (it
     # stays uncommitted, so a rerun retries exactly it) instead of aborting the other shards.
@@ -240,7 +244,7 @@ def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, ha
         with warnings.catch_warnings():  # bounded retries need the remote args Ray 2.64 will rename; we pin 2.60
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-                ShardActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+                ShardActor, batch_size=shards_per_call, compute=ray.data.ActorPoolStrategy(size=workers),
                 num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_worker,
                 max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES,
                 fn_constructor_kwargs={"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
