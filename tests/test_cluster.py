@@ -56,7 +56,10 @@ def exact_pin(req: Requirement) -> str:
 
 @functools.cache
 def paper_extract() -> dict:
-    return yaml.safe_load(PAPER_EXTRACT.read_text())
+    """The paper extraction's keys, as the job reads them (its base file resolved)."""
+    from ray_jobs.config import read_tree
+
+    return read_tree(PAPER_EXTRACT)
 
 
 def cpu_quantity(value) -> float:
