@@ -7,7 +7,7 @@ complete entry, on a local directory and on the moto S3 server, and reads it eve
 
 from __future__ import annotations
 
-import pickle
+import copy
 
 import numpy as np
 import obstore
@@ -198,9 +198,10 @@ def test_checksums_on_read_catch_a_same_size_flip_in_a_raw_shard(store_url, monk
         EntryReader(store.backend, key, verify_checksums=True).status()
 
 
-def test_corrupt_entry_pickles_with_its_fields():
+def test_corrupt_entry_survives_reduction_with_its_fields():
+    """Ray ships a worker's exception through ``__reduce_ex__``; deepcopy takes the same path."""
     exc = CorruptEntry("s3://b/p", "gsf-abc", "gsf", 7, "object gsf-abc/gsf/c/7/0 is missing from the store")
-    back = pickle.loads(pickle.dumps(exc))
+    back = copy.deepcopy(exc)
     assert isinstance(back, RuntimeError) and str(back) == str(exc)
     assert (back.store, back.key, back.array, back.shard) == ("s3://b/p", "gsf-abc", "gsf", 7)
     assert "featurestore verify s3://b/p gsf-abc" in str(exc)

@@ -18,13 +18,12 @@ from pathlib import Path
 
 from featurestore.store import FeatureStore
 from featurestore.views import put_table
-from ray_jobs.config import ConfigError, as_dict, option
+from ray_jobs.config import ConfigError, as_dict, find_user_error, option
 from ray_jobs.stages.dataset_input import DatasetConfig, knowledge_table
 from ray_jobs.runtime import cluster_gpus, init_ray, is_local, log
 from trainers.labels import check_loss
 from trainers.losses import KINDS, LossSpec
 from trainers.student import StudentSpec
-from trainers.train_loop import UnreadableImages
 from trainers.weights import check_local_file
 
 # Ray Train V2 (elastic scaling, the controller's failure handling) is chosen when ray.train is
@@ -165,9 +164,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     try:
         result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - Ray Train raises the workers' errors wrapped
-        marker = f"{UnreadableImages.__name__}: "
-        if marker in str(exc):  # a user's problem: one clear message, not the workers' tracebacks
-            raise UnreadableImages(str(exc).split(marker, 1)[1].strip().splitlines()[0]) from None
+        if (error := find_user_error(exc)) is not None:  # e.g. UnreadableImages: its own message, no tracebacks
+            raise error from None
         raise
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
