@@ -104,9 +104,8 @@ def _print_our_lines(data: dict) -> None:
     autoscaler = data.get("pid") == "autoscaler"
     lines = [line for line in data.get("lines") or () if (_OUR_LINE.match(line) if not autoscaler else
                                                            "Warning:" in line or "Error:" in line)]
-    if lines:
-        sink = sys.stderr if data.get("is_err") or autoscaler else sys.stdout
-        print("\n".join(lines), file=sink, flush=True)
+    if lines:  # all to stderr: a job's stdout carries only its result line, which a late worker line must not follow
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def quiet_ray_data() -> None:
