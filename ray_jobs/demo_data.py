@@ -36,6 +36,10 @@ disjoint bands: the first two thirds feed only train images, the last third only
 (``Source.region``). Crops are cut out of the band *before* any resampling, so no filter kernel
 reaches across the cut either; ``demo_meta.json`` records every crop box for tests to check.
 
+**Main-subject masks.** The subject is the one thing in each image with a known outline, so it is
+ground truth for asking where a model looks (the paper's Fig. 8-10): ``subject_mask`` is where the
+pasted ellipse is at least half opaque, clipped to the frame as the paste is.
+
 Each image is a pure function of the seed, its index, its split and the size range: image ``i``
 draws from its own ``numpy.random.default_rng([seed, i])``, so images can be made in any order or
 in parallel with byte-identical results.
@@ -241,6 +245,26 @@ def render(spec: ImageSpec, sources: dict[str, Source]) -> bytes:
     np.clip(np.rint(pixels, out=pixels), 0, 255, out=pixels)
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=a["jpeg_quality"])
+    return buffer.getvalue()
+
+
+def subject_mask(size: tuple[int, int], subject_size: tuple[int, int], subject_xy: tuple[int, int]) -> np.ndarray:
+    """[H, W] bool for a ``size`` = (W, H) frame: True where the subject pasted at ``subject_xy``
+    with ``subject_size`` is at least half opaque (its feathered ellipse ≥ 0.5), clipped to the frame.
+    Takes the three ``ImageSpec`` fields that place the subject, so a dataset's ``demo_meta.json``
+    is enough to rebuild every mask."""
+    (width, height), (sub_w, sub_h), (x, y) = size, subject_size, subject_xy
+    mask = np.zeros((height, width), bool)
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(width, x + sub_w), min(height, y + sub_h)
+    if x1 > x0 and y1 > y0:
+        mask[y0:y1, x0:x1] = (_ellipse(sub_w, sub_h) >= 0.5)[y0 - y:y1 - y, x0 - x:x1 - x]
+    return mask
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A bool mask as a greyscale PNG: 255 inside, 0 outside."""
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, "PNG")
     return buffer.getvalue()
 
 

@@ -6,13 +6,16 @@
 ``DIR`` gets what ``featurestore.datasets.load_dataset(DIR, "ava")`` reads — ``AVA.txt``,
 ``tags.txt``, ``generic_train.jpgl``, ``generic_test.jpgl``, ``images/<id>.jpg`` (the reader looks
 in ``images/`` first) — plus ``demo_meta.json``: the parameters, the score model and every image's
-crops, attributes and latent quality, so tests and reports can check the signal.
+crops, attributes and latent quality, so tests and reports can check the signal; and
+``masks/<id>.png``, each image's main-subject mask (``demo_data.subject_mask``: 255 inside, 0
+outside, the image's size), the ground truth of ``ray_jobs.explain``.
 
 The pipeline calls this on every run, so reruns must be cheap and safe. The dataset is built in
 a hidden sibling directory and renamed into place as the last step: ``DIR`` is absent, empty or
 complete, never half-written. A complete ``DIR`` made with the same parameters is left as it is;
-any other non-empty ``DIR`` is refused, never overwritten. Progress goes to stderr; the last
-stdout line is one JSON object.
+any other non-empty ``DIR`` is refused, never overwritten. A complete ``DIR`` from before masks
+were written gets its ``masks/`` added (built aside and renamed in; the images are untouched).
+Progress goes to stderr; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ META_FILE = "demo_meta.json"
 ID_BASE = 100001  # six-digit ids, AVA-like, that differ from the 1-based index so mix-ups show
 CHALLENGE_SIZE = 50  # consecutive images share a challenge id, as entries of one AVA contest do
 PROGRESS_SECONDS = 2.0
+MASK_DIR = "masks"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +62,9 @@ def generate(out: Path, n: int, seed: int = 0, test_fraction: float = 0.2,
     created = meta is None
     if created:
         meta = _build(out, params, workers)
+    elif not (out / MASK_DIR).is_dir():
+        _add_masks(out, meta)
+        print(f"{out}: demo dataset already complete; added its {MASK_DIR}/", file=sys.stderr)
     else:
         print(f"{out}: demo dataset with these parameters already complete; nothing to do", file=sys.stderr)
     splits = [image["split"] for image in meta["images"]]
@@ -132,9 +139,34 @@ def _build(out: Path, params: dict, workers: int) -> dict:
     return meta
 
 
+def _mask_bytes(image: ImageSpec | dict) -> bytes:
+    """The PNG of one image's subject mask, from its spec or its ``demo_meta.json`` record."""
+    fields = asdict(image) if isinstance(image, ImageSpec) else image
+    size, subject_size, subject_xy = (tuple(fields[k]) for k in ("size", "subject_size", "subject_xy"))
+    return demo_data.mask_png(demo_data.subject_mask(size, subject_size, subject_xy))
+
+
+def _add_masks(out: Path, meta: dict) -> None:
+    """Write the masks of a dataset made before masks existed, into a hidden sibling renamed to
+    ``masks/``: the folder is absent or complete. Losing a race to a concurrent run is fine."""
+    tmp = out / f".{MASK_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for image in meta["images"]:
+            (tmp / f"{image['image_id']}.png").write_bytes(_mask_bytes(image))
+        os.replace(tmp, out / MASK_DIR)
+    except OSError:
+        if not (out / MASK_DIR).is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _write(root: Path, params: dict, workers: int) -> dict:
     sources = demo_data.load_sources()
     (root / "images").mkdir()
+    (root / MASK_DIR).mkdir()
     seed, n, test_fraction = params["seed"], params["n"], params["test_fraction"]
     long_side = tuple(params["long_side"])
 
@@ -143,6 +175,7 @@ def _write(root: Path, params: dict, workers: int) -> dict:
         split = demo_data.split_of(index, test_fraction)
         spec = demo_data.sample_image(seed, index, image_id, split, sources, long_side)
         (root / "images" / f"{image_id}.jpg").write_bytes(demo_data.render(spec, sources))
+        (root / MASK_DIR / f"{image_id}.png").write_bytes(_mask_bytes(spec))
         return spec
 
     specs: list[ImageSpec] = []

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -174,3 +175,40 @@ def test_empty_out_dir_is_filled(tmp_path):
     assert make(tmp_path)[0] == 0
     assert (tmp_path / META_FILE).is_file() and len(list((tmp_path / "images").iterdir())) == N
     assert not list(tmp_path.parent.glob(f".{tmp_path.name}.tmp-*"))
+
+
+def test_masks_mark_the_pasted_subject(dataset, meta):
+    for image in meta["images"]:
+        with Image.open(dataset / "masks" / f"{image['image_id']}.png") as im:
+            assert im.mode == "L" and im.size == tuple(image["size"])
+            pixels = np.asarray(im)
+        assert set(np.unique(pixels)) <= {0, 255}
+        mask = pixels == 255
+        (w, h), (sw, sh), (x, y) = image["size"], image["subject_size"], image["subject_xy"]
+        # The paste's own alpha, clipped by PIL as render() clips it: the mask is where it is ≥ 0.5.
+        alpha = Image.new("L", (w, h), 0)
+        alpha.paste(Image.fromarray(np.rint(demo_data._ellipse(sw, sh) * 255).astype(np.uint8)), (x, y))
+        assert np.array_equal(mask, np.asarray(alpha) >= 128)
+        # Geometry: an ellipse of semi-axes 0.9·(sw/2, sh/2) (alpha = (1 - r) / FEATHER ≥ 0.5 ⇔ r ≤ 0.9)
+        # around the subject box's centre, clipped to the frame.
+        cx, cy, ax, ay = x + sw / 2, y + sh / 2, 0.9 * sw / 2, 0.9 * sh / 2
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        box = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+        expected = (max(0, cx - ax), max(0, cy - ay), min(w, cx + ax), min(h, cy + ay))
+        assert all(abs(a - b) <= 1 for a, b in zip(box, expected)), (box, expected)
+        assert x <= box[0] and y <= box[1] and box[2] <= x + sw and box[3] <= y + sh  # inside the subject box
+        fine = 8  # the clipped ellipse's area, integrated on a grid 8× finer than the pixels
+        ys, xs = (np.arange(n * fine) / fine + 0.5 / fine for n in (h, w))
+        area = (((xs[None, :] - cx) / ax) ** 2 + ((ys[:, None] - cy) / ay) ** 2 <= 1).sum() / fine**2
+        assert abs(mask.sum() - area) <= 3 + 0.02 * area, (mask.sum(), area)
+    assert any(image["attributes"]["cut_fraction"] > 0 for image in meta["images"])  # clipping was exercised
+
+
+def test_a_dataset_from_before_masks_gets_them_added(dataset, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(dataset, old)
+    shutil.rmtree(old / "masks")
+    rc, result, err = make(old)
+    assert rc == 0 and not result["created"] and "added its masks/" in err
+    assert digests(old) == digests(dataset)
+    assert not list(old.glob(".masks.tmp-*"))
