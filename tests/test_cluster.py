@@ -2,11 +2,16 @@
 
 * cluster/aws.yaml goes through the Ray cluster launcher's own checks as `ray up` runs them
   (``prepare_config``, which merges the AWS defaults, then ``validate_config`` against
-  ``ray/autoscaler/ray-schema.json``). Deliberately broken copies must be rejected.
+  ``ray/autoscaler/ray-schema.json``). Deliberately broken copies must be rejected. Its shape is
+  checked beyond the schema: each node type advertises what its instance type has, the 8-GPU
+  training type holds the README's 8 Ray Train workers on one node while a train worker fits no
+  1-GPU type, and the max_workers caps add up.
 * The KubeRay manifests are checked for the structure that matters: ray.io/v1, a head that runs
   no tasks, GPU limits on the workers, the project image and service account, token auth, and
   entrypoints. An entrypoint must name a job module that exists, a config file that exists, and
-  a config the job's own config class accepts (the pipeline's stage sections included). The
+  a config the job's own config class accepts (the pipeline's stage sections included).
+  Extraction runs on 1-GPU pods; the train RayJob runs all its workers on one 8-GPU pod with a
+  sized /dev/shm and NCCL settings. The
   checks are functions that return a list of problems, and each is also shown to catch a
   broken copy.
 * cluster/Dockerfile must install the torch/torchvision pinned in pyproject.toml, the DALI
@@ -40,6 +45,11 @@ PAPER_EXTRACT = ROOT / "configs" / "extract_paper_ava.yaml"
 RAYJOB_FILES = {"extract": "rayjob-extract.yaml", "distill": "rayjob-distill.yaml", "train_student": "rayjob-train.yaml",
                 "pipeline": "rayjob-pipeline.yaml"}
 SECRET_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN"}
+#: (vCPUs, GPUs) of the EC2 instance types cluster/aws.yaml uses or suggests (AWS's instance pages).
+EC2_SHAPES = {"m6i.2xlarge": (8, 0), "g5.2xlarge": (8, 1), "g6.2xlarge": (8, 1), "g6e.2xlarge": (8, 1),
+              "p4d.24xlarge": (96, 8), "p4de.24xlarge": (96, 8), "p5.48xlarge": (192, 8)}
+TRAIN_GPUS = 8  # GPUs of a training node: the 8 DDP workers of one student run share its NVLink
+MIN_TRAIN_SHM_GIB = 32  # /dev/shm of an 8-GPU pod: NCCL's segments and Ray's object store
 
 
 @functools.cache
@@ -65,6 +75,15 @@ def paper_extract() -> dict:
 def cpu_quantity(value) -> float:
     text = str(value)
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def gib_quantity(value) -> float:
+    """A Kubernetes memory quantity (``64Gi``, ``512Mi``, ``1Ti``, plain bytes) in GiB."""
+    text = str(value)
+    for suffix, gib in (("Ki", 2 ** -20), ("Mi", 2 ** -10), ("Gi", 1), ("Ti", 2 ** 10)):
+        if text.endswith(suffix):
+            return float(text[:-2]) * gib
+    return float(text) / 2 ** 30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +139,27 @@ def entrypoint_problems(entrypoint: str, where: str) -> list[str]:
     return problems
 
 
+def job_config(entrypoint: str):
+    """The config object a (valid) ``python -m ray_jobs.<job> ...`` entrypoint gives its job."""
+    from ray_jobs.config import load_config
+
+    argv = shlex.split(entrypoint)
+    args, config, overrides = argv[3:], None, []
+    while args:
+        arg = args.pop(0)
+        if arg == "--config":
+            config = str(ROOT / args.pop(0))
+        else:
+            overrides.append(arg)
+    return load_config(config_class(argv[2].split(".", 1)[1]), config, overrides)
+
+
+def max_workers_of(train_cfg) -> int:
+    """The most DDP workers a train config asks for (a count, or the top of [min, max])."""
+    workers = train_cfg.num_workers
+    return workers if isinstance(workers, int) else max(workers)
+
+
 # ---------------------------------------------------------------------------------------------
 # cluster/aws.yaml: Ray's own validation
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +212,9 @@ def _set(path, value):
     _set(["docker", "imagee"], "x"),                                           # unknown docker key
     _set(["head_node_type"], "no-such-type"),                                  # not among the node types
     _set(["available_node_types", "gpu_spot", "min_workers"], 99),            # sum(min_workers) > max_workers
+    _set(["available_node_types", "train_8gpu", "docker", "run_options"], []),  # per type: worker_run_options
 ], ids=["unknown-top-level-key", "missing-provider", "node-type-typo", "fractional-gpu", "unknown-docker-key",
-        "bad-head-type", "min-over-max"])
+        "bad-head-type", "min-over-max", "node-type-docker-key"])
 def test_broken_aws_configs_fail_rays_validation(mutate):
     import jsonschema
 
@@ -181,9 +222,61 @@ def test_broken_aws_configs_fail_rays_validation(mutate):
         ray_validate(aws_config(), mutate)
 
 
+@functools.cache
+def readme_8gpu_train_config():
+    """The README's train_student command for the 8-GPU node type (the one that sets cpus_per_worker)."""
+    (command,) = [c for c in readme_commands() if "ray_jobs.train_student" in c and "cpus_per_worker=" in c]
+    return job_config(command)
+
+
+def aws_training_problems(cfg: dict, train_cfg) -> list[str]:
+    """The 8-GPU training type against the README's training command ``train_cfg``: its 8 Ray Train
+    workers fit one such node, one of them fits no 1-GPU type (so training is steered to the
+    8-GPU type), and the type ships switched off so extraction's 1-GPU requests keep their pool."""
+    problems = []
+    workers = {name: t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]}
+    train_types = {n: t for n, t in workers.items() if t["resources"].get("GPU") == TRAIN_GPUS}
+    if not train_types:
+        return [f"no worker type with {TRAIN_GPUS} GPUs for the student trainer"]
+    n_workers, cpus = max_workers_of(train_cfg), train_cfg.cpus_per_worker
+    if n_workers != TRAIN_GPUS or train_cfg.device != "cuda":
+        problems.append(f"the README's 8-GPU training command must ask num_workers={TRAIN_GPUS} and device=cuda")
+    for name, t in train_types.items():
+        if n_workers * cpus > t["resources"].get("CPU", 0):
+            problems.append(f"{name}: {n_workers} train workers × cpus_per_worker {cpus:g} do not fit one node")
+        if t.get("max_workers", 0) != 0:
+            problems.append(f"{name}: must ship with max_workers 0 (it would serve extraction's 1-GPU requests)")
+        run_options = " ".join(t.get("docker", {}).get("worker_run_options", []))
+        for variable in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME"):
+            if f"{variable}=" not in run_options:
+                problems.append(f"{name}: docker worker_run_options must set {variable}")
+    for name, t in workers.items():
+        if t["resources"].get("GPU") == 1 and cpus <= t["resources"].get("CPU", 0):
+            problems.append(f"{name}: a train worker (cpus_per_worker {cpus:g}) fits this 1-GPU type, so "
+                            f"training is not steered to the {TRAIN_GPUS}-GPU type")
+    spot_max = max((t.get("max_workers", 0) for t in workers.values()
+                    if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"), default=0)
+    if cfg["max_workers"] < spot_max + 1:
+        problems.append("max_workers leaves no room for a training node beside the spot extraction pool")
+    return problems
+
+
 def aws_problems(cfg: dict) -> list[str]:
     """The cluster's shape, beyond the schema."""
     problems = []
+    for name, t in cfg["available_node_types"].items():
+        instance = t["node_config"].get("InstanceType")
+        if instance not in EC2_SHAPES:
+            problems.append(f"{name}: instance type {instance!r} is not in this test's EC2_SHAPES")
+            continue
+        vcpus, gpus = EC2_SHAPES[instance]
+        if t["resources"].get("GPU", 0) != gpus:
+            problems.append(f"{name}: advertises GPU: {t['resources'].get('GPU', 0)}, a {instance} has {gpus}")
+        if t["resources"].get("CPU", 0) > vcpus:
+            problems.append(f"{name}: advertises more CPUs than the {vcpus} vCPUs of a {instance}")
+    if cfg["max_workers"] < sum(t.get("max_workers", 0) for n, t in cfg["available_node_types"].items()
+                                if n != cfg["head_node_type"]):
+        problems.append("max_workers is below the sum of the worker types' max_workers (a type's cap would not apply)")
     extract = paper_extract()
     types = cfg["available_node_types"]
     head = types[cfg["head_node_type"]]
@@ -224,6 +317,7 @@ def aws_problems(cfg: dict) -> list[str]:
 
 def test_aws_cluster_shape():
     assert aws_problems(aws_config()) == []
+    assert aws_training_problems(aws_config(), readme_8gpu_train_config()) == []
 
 
 @pytest.mark.parametrize("mutate, expected", [
@@ -233,11 +327,37 @@ def test_aws_cluster_shape():
     (lambda c: c["available_node_types"]["gpu_spot"]["node_config"].pop("IamInstanceProfile"), "IamInstanceProfile"),
     (_set(["worker_start_ray_commands"], ["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]), "token auth"),
     (_set(["max_workers"], 2), "max_workers"),
+    (_set(["available_node_types", "gpu_spot", "resources", "GPU"], 8), "a g5.2xlarge has 1"),
+    (_set(["available_node_types", "train_8gpu", "resources", "CPU"], 192), "more CPUs than the 96 vCPUs"),
+    (_set(["available_node_types", "gpu_spot", "max_workers"], 10), "sum of the worker types' max_workers"),
 ])
 def test_aws_shape_checks_catch_breakage(mutate, expected):
     cfg = aws_config()
     mutate(cfg)
     assert any(expected in p for p in aws_problems(cfg))
+
+
+@pytest.mark.parametrize("mutate, overrides, expected", [
+    (_set(["available_node_types", "train_8gpu", "resources", "GPU"], 4), [], "no worker type with 8 GPUs"),
+    (_set(["available_node_types", "train_8gpu", "resources", "CPU"], 80), [], "do not fit one node"),
+    (lambda c: None, ["cpus_per_worker=13"], "do not fit one node"),
+    (lambda c: None, ["cpus_per_worker=8"], "fits this 1-GPU type"),
+    (lambda c: None, ["num_workers=[1,4]"], "num_workers=8"),
+    (_set(["available_node_types", "train_8gpu", "max_workers"], 1), [], "max_workers 0"),
+    (lambda c: c["available_node_types"]["train_8gpu"].pop("docker"), [], "NCCL_DEBUG"),
+    (_set(["max_workers"], 8), [], "no room for a training node"),
+])
+def test_aws_training_checks_catch_breakage(mutate, overrides, expected):
+    import dataclasses
+
+    cfg = aws_config()
+    mutate(cfg)
+    train_cfg = readme_8gpu_train_config()
+    for override in overrides:
+        key, value = override.split("=", 1)
+        train_cfg = dataclasses.replace(train_cfg, **{key: yaml.safe_load(value)})
+    problems = aws_training_problems(cfg, train_cfg)
+    assert any(expected in p for p in problems), problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +392,27 @@ def env_problems(env: list[dict] | dict, where: str) -> list[str]:
     return [f"{where}: secret {n} must not be set in a manifest" for n in sorted(names & SECRET_ENV)]
 
 
+def multi_gpu_pod_problems(spec: dict, container: dict, where: str) -> list[str]:
+    """An 8-GPU pod: a memory-backed /dev/shm big enough for NCCL between 8 ranks and Ray's object
+    store (the runtime's default is 64 MiB), and NCCL told its log level and socket interface."""
+    problems = []
+    shm = [m["name"] for m in container.get("volumeMounts", []) if m.get("mountPath") == "/dev/shm"]
+    volume = next((v for v in spec.get("volumes", []) if shm and v.get("name") == shm[0]), {})
+    empty_dir = volume.get("emptyDir", {})
+    if empty_dir.get("medium") != "Memory" or gib_quantity(empty_dir.get("sizeLimit", 0)) < MIN_TRAIN_SHM_GIB:
+        problems.append(f"{where}: an {TRAIN_GPUS}-GPU pod needs /dev/shm as a Memory emptyDir of at least "
+                        f"{MIN_TRAIN_SHM_GIB}Gi")
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    for variable in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME"):
+        if not env.get(variable):
+            problems.append(f"{where}: an {TRAIN_GPUS}-GPU pod must set {variable}")
+    return problems
+
+
+def group_gpus(group: dict) -> int:
+    return group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)
+
+
 def pod_problems(template: dict, where: str, image: str, sa: str, gpu: bool) -> list[str]:
     problems = []
     spec = template["spec"]
@@ -283,10 +424,13 @@ def pod_problems(template: dict, where: str, image: str, sa: str, gpu: bool) -> 
     resources = container.get("resources", {})
     limits, requests = resources.get("limits", {}), resources.get("requests", {})
     if gpu:
-        if limits.get("nvidia.com/gpu") != 1:
-            problems.append(f"{where}: GPU workers need limits nvidia.com/gpu: 1")
-        if requests.get("nvidia.com/gpu", 1) != limits.get("nvidia.com/gpu"):
+        if limits.get("nvidia.com/gpu") not in (1, TRAIN_GPUS):
+            problems.append(f"{where}: GPU workers need limits nvidia.com/gpu: 1 (extraction pool) or "
+                            f"{TRAIN_GPUS} (training)")
+        if requests.get("nvidia.com/gpu", limits.get("nvidia.com/gpu")) != limits.get("nvidia.com/gpu"):
             problems.append(f"{where}: GPU requests and limits differ")
+        if limits.get("nvidia.com/gpu") == TRAIN_GPUS:
+            problems += multi_gpu_pod_problems(spec, container, where)
         if cpu_quantity(limits.get("cpu", 0)) <= paper_extract()["cpus_per_worker"]:
             problems.append(f"{where}: needs more CPUs than cpus_per_worker for Ray Data's tasks")
         if not any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])):
@@ -342,6 +486,7 @@ def kuberay_problems(name: str, doc: dict, image: str, sa: str) -> list[str]:
     if kind != "RayJob":
         return [f"{name}: unexpected kind {kind!r}"]
     problems = entrypoint_problems(spec.get("entrypoint", ""), name)
+    entrypoint_valid = not problems
     job = re.search(r"ray_jobs\.(\w+)", spec.get("entrypoint", ""))
     if not job or RAYJOB_FILES.get(job.group(1)) != name:
         problems.append(f"{name}: entrypoint runs {job and job.group(1)!r}, not the job this file is named for")
@@ -361,10 +506,38 @@ def kuberay_problems(name: str, doc: dict, image: str, sa: str) -> list[str]:
     if "rayClusterSpec" not in spec:
         return problems + [f"{name}: needs a rayClusterSpec"]
     problems += cluster_spec_problems(spec["rayClusterSpec"], name, image, sa)
+    groups = spec["rayClusterSpec"].get("workerGroupSpecs", [])
     if job and job.group(1) == "extract":
-        groups = spec["rayClusterSpec"].get("workerGroupSpecs", [])
         if sum(g.get("minReplicas", 0) for g in groups) < paper_extract()["workers"]:
             problems.append(f"{name}: fewer fixed GPU workers than the extraction's actors (GPUs must exist at start)")
+        if any(group_gpus(g) != 1 for g in groups):
+            problems.append(f"{name}: extraction keeps its 1-GPU pool (one GPU per pod)")
+    if job and job.group(1) == "train_student" and entrypoint_valid:
+        problems += train_job_problems(spec, name)
+    return problems
+
+
+def train_job_problems(spec: dict, name: str) -> list[str]:
+    """The train RayJob targets one 8-GPU pod: every DDP worker on it (NVLink between them), their
+    CPUs within its CPU limit, and the pod there when the job starts."""
+    problems = []
+    cfg = job_config(spec["entrypoint"])
+    groups = spec["rayClusterSpec"].get("workerGroupSpecs", [])
+    for group in groups:
+        gw = f"{name} group {group.get('groupName')!r}"
+        if group_gpus(group) != TRAIN_GPUS:
+            problems.append(f"{gw}: the student trainer runs on {TRAIN_GPUS}-GPU pods")
+            continue
+        if max_workers_of(cfg) > TRAIN_GPUS:
+            problems.append(f"{gw}: num_workers {cfg.num_workers} do not fit one pod's {TRAIN_GPUS} GPUs")
+        cpus = cpu_quantity(group["template"]["spec"]["containers"][0]["resources"]["limits"].get("cpu", 0))
+        if max_workers_of(cfg) * cfg.cpus_per_worker > cpus:
+            problems.append(f"{gw}: {max_workers_of(cfg)} workers × cpus_per_worker {cfg.cpus_per_worker:g} "
+                            f"exceed the pod's {cpus:g} CPUs")
+        if group.get("minReplicas", 0) < 1:
+            problems.append(f"{gw}: minReplicas must be >= 1 (device=cuda needs the GPUs at start)")
+    if cfg.device != "cuda":
+        problems.append(f"{name}: device must be cuda")
     return problems
 
 
@@ -391,6 +564,9 @@ def _worker(doc: dict) -> dict:
 @pytest.mark.parametrize("mutate, expected", [
     (lambda d: d.update(apiVersion="ray.io/v1alpha1"), "apiVersion"),
     (lambda d: _worker(d)["resources"]["limits"].pop("nvidia.com/gpu"), "nvidia.com/gpu: 1"),
+    (lambda d: _worker(d)["resources"].update(limits={**_worker(d)["resources"]["limits"], "nvidia.com/gpu": 8},
+                                               requests={**_worker(d)["resources"]["requests"], "nvidia.com/gpu": 8}),
+     "1-GPU pool"),
     (lambda d: d["spec"].update(entrypoint="python -m ray_jobs.extrakt --config configs/extract_paper_ava.yaml"),
      "does not exist"),
     (lambda d: d["spec"].update(entrypoint="python -m ray_jobs.extract --config configs/no_such.yaml"), "does not exist"),
@@ -416,13 +592,47 @@ def test_kuberay_checks_catch_breakage(mutate, expected):
     assert any(expected in p for p in problems), problems
 
 
+def _set_override(key: str, value: str):
+    """Mutate a RayJob: replace (or add) ``key=`` in its entrypoint."""
+    def mutate(d):
+        argv = [a for a in shlex.split(d["spec"]["entrypoint"]) if not a.startswith(f"{key}=")]
+        d["spec"]["entrypoint"] = shlex.join([*argv, f"{key}={value}"])
+    return mutate
+
+
+def _train_volumes(d: dict) -> list[dict]:
+    return d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["volumes"]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: _worker(d)["resources"].update(limits={**_worker(d)["resources"]["limits"], "nvidia.com/gpu": 1},
+                                               requests={**_worker(d)["resources"]["requests"], "nvidia.com/gpu": 1}),
+     "8-GPU pods"),
+    (_set_override("num_workers", "16"), "do not fit one pod"),
+    (_set_override("cpus_per_worker", "12"), "exceed the pod's 90 CPUs"),
+    (lambda d: _train_volumes(d)[0]["emptyDir"].update(sizeLimit="1Gi"), "/dev/shm"),
+    (lambda d: _train_volumes(d)[0].update(emptyDir={}), "/dev/shm"),
+    (lambda d: _worker(d).update(env=[e for e in _worker(d)["env"] if e["name"] != "NCCL_DEBUG"]), "NCCL_DEBUG"),
+    (lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=0, replicas=0), "minReplicas"),
+])
+def test_train_job_checks_catch_breakage(mutate, expected):
+    doc = copy.deepcopy(_rayjob("rayjob-train.yaml"))
+    sa, _ = service_account()
+    image = aws_config()["docker"]["image"]
+    assert kuberay_problems("rayjob-train.yaml", doc, image, sa) == []
+    mutate(doc)
+    problems = kuberay_problems("rayjob-train.yaml", doc, image, sa)
+    assert any(expected in p for p in problems), problems
+
+
 def test_train_entrypoint_form():
-    """The student trainer's entrypoint: key=value overrides only (no config file for it exists)."""
+    """The student trainer's entrypoint: key=value overrides only (no config file for it exists),
+    8 workers, one per GPU of its pod."""
     argv = shlex.split(_rayjob("rayjob-train.yaml")["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "ray_jobs.train_student"]
     keys = {a.split("=", 1)[0] for a in argv[3:]}
     assert all("=" in a for a in argv[3:]) and {"store", "knowledge_entry", "student.backbone", "num_workers"} <= keys
-    assert yaml.safe_load(next(a for a in argv if a.startswith("num_workers=")).split("=", 1)[1]) == [1, 8]
+    assert job_config(_rayjob("rayjob-train.yaml")["spec"]["entrypoint"]).num_workers == TRAIN_GPUS
 
 
 # ---------------------------------------------------------------------------------------------
