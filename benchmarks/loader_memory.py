@@ -14,7 +14,8 @@ labelled dataset table and a GSF view of ``--gsf-width`` random float16 columns
   makes the knowledge rows (2 KB each) the largest thing that could pile up with N.
 * **loader**: what one training worker does (``trainers/train_loop.py``): the train split's
   ``StudentStream`` over the entry the writer wrote, one epoch at batch 16, read, SHA-256
-  checked, DALI-decoded to 64×64 and joined with its f_t and D_t rows. Its peak is the
+  checked, DALI-decoded to 64×64 (``images: decode``, the source whose work grows per image)
+  and joined with its f_t and D_t rows, a shuffle window at a time. Its peak is the
   process's ``ru_maxrss``, set-up included, as a worker would hold it.
 
 Each process also reports its growth during the measured phase (peak minus RSS when the phase
@@ -133,7 +134,7 @@ def loader_child(store_url: str, knowledge_key: str) -> None:
     from featurestore.views import GsfView
     from trainers.knowledge import knowledge_hashes
     from trainers.student import StudentSpec, decoder_for, view_size
-    from trainers.student_data import StudentStream, split_rows
+    from trainers.student_data import DecodedImages, StudentStream, split_rows
 
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -142,9 +143,9 @@ def loader_child(store_url: str, knowledge_key: str) -> None:
     table = GsfView(store, knowledge.attrs["view"]).dataset()
     spec = StudentSpec(backbone="resnet18", view=f"resize:{IMAGE_SIZE}")
     train = split_rows(table, knowledge_hashes(knowledge), "train", spec.label)
-    stream = StudentStream(store_url, knowledge_key, train, spec.label, World(), BATCH_SIZE,
-                           decoder_for(spec, torch.device("cpu")), view_size(spec.view), seed=0,
+    images = DecodedImages(train, decoder_for(spec, torch.device("cpu")), view_size(spec.view),
                            locality_rows=knowledge.layout.shard_rows)
+    stream = StudentStream(store_url, knowledge_key, train, spec.label, World(), BATCH_SIZE, images, seed=0)
     epoch_start_mb = reset_peak()
     epoch_started = time.perf_counter()
     rows = sum(float(batch.weight.sum()) for batch in stream.epoch(0))  # batches arrive materialised

@@ -79,31 +79,44 @@ def write_segment(store: FeatureStore, extractor: ExtractorSpec, hashes: np.ndar
     return done
 
 
-def registration_path(extractor: str, segment: str) -> str:
-    return f"{TABLES_PREFIX}/{extractor}/{segment}.json"
+def registration_path(table: str, segment: str) -> str:
+    return f"{TABLES_PREFIX}/{table}/{segment}.json"
+
+
+def segment_table(segment: EntryReader) -> str:
+    """The table a segment belongs to: its ``attrs.table`` (image views, pixels.py), else the
+    feature table of its extractor."""
+    return segment.attrs.get("table") or extractor_key(ExtractorSpec.from_json(segment.spec.identity["extractor"]))
+
+
+def register_in_table(store: FeatureStore, table: str, segment: EntryReader) -> None:
+    """Record a complete segment in ``table`` (idempotent)."""
+    store.backend.create_json(registration_path(table, segment.key), {"segment": segment.key, "rows": segment.rows})
 
 
 def register_segment(store: FeatureStore, extractor: ExtractorSpec, segment: EntryReader) -> None:
-    """Record a complete segment in its extractor's table (idempotent)."""
-    store.backend.create_json(registration_path(extractor_key(extractor), segment.key),
-                              {"segment": segment.key, "rows": segment.rows})
+    """Record a complete feature segment in its extractor's table (idempotent)."""
+    register_in_table(store, extractor_key(extractor), segment)
 
 
 def unregister_segment(store: FeatureStore, segment: EntryReader) -> None:
     """Drop a segment from its table; the store's gc does this before deleting the entry."""
-    extractor = ExtractorSpec.from_json(segment.spec.identity["extractor"])
     import obstore
 
-    path = registration_path(extractor_key(extractor), segment.key)
+    path = registration_path(segment_table(segment), segment.key)
     if store.backend.exists(path):
         obstore.delete(store.backend.objects, path)
 
 
+def registered_segments(store: FeatureStore, table: str) -> tuple[str, ...]:
+    """Keys of the complete segments registered in ``table``, sorted."""
+    keys = [o["path"].rsplit("/", 1)[-1].removesuffix(".json") for o in store.backend.list(f"{TABLES_PREFIX}/{table}/")]
+    return tuple(sorted(k for k in keys if store.state(k) == "complete"))
+
+
 def table_segments(store: FeatureStore, extractor: ExtractorSpec) -> tuple[str, ...]:
     """Keys of the complete segments registered for ``extractor``, sorted."""
-    prefix = f"{TABLES_PREFIX}/{extractor_key(extractor)}/"
-    keys = [o["path"].rsplit("/", 1)[-1].removesuffix(".json") for o in store.backend.list(prefix)]
-    return tuple(sorted(k for k in keys if store.state(k) == "complete"))
+    return registered_segments(store, extractor_key(extractor))
 
 
 @dataclass(frozen=True, eq=False)

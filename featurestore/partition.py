@@ -121,3 +121,62 @@ def plan_for(world: World, num_rows: int, shard_rows: int, seed: int, epoch: int
     """The spans one reader visits in ``epoch``."""
     plan = plan_epoch(num_rows, shard_rows, world.world_size, world.num_workers, seed, epoch, drop_last)
     return plan[world.rank][world.worker]
+
+
+@dataclass(frozen=True, eq=False)
+class ShuffledEpoch:
+    """One rank's epoch as a shuffle-buffered sequence: ``positions`` (into the caller's rows) in
+    visiting order, their ``pad`` flags, and ``window_starts``: where each shuffle window begins
+    (ending with ``len(positions)``). A reader holds one window's blocks (and prefetches the next)."""
+
+    positions: np.ndarray
+    pad: np.ndarray
+    window_starts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def windows(self) -> list[slice]:
+        return [slice(int(a), int(b)) for a, b in zip(self.window_starts[:-1], self.window_starts[1:])]
+
+
+def plan_shuffled(block_of: np.ndarray, world: World, seed: int, epoch: int, window_blocks: int,
+                  drop_last: bool = False) -> ShuffledEpoch:
+    """Shuffle-buffered epoch over ``len(block_of)`` positions, each stored in block ``block_of[i]``
+    (e.g. the shard holding it): a pure function of its arguments.
+
+    1. Positions are grouped by block; the blocks are visited in an order drawn from
+       ``(seed, epoch)``, the same on every rank.
+    2. Ranks take equal, contiguous pieces of that sequence, padded as in :func:`plan_epoch`
+       (``pad=True`` rows repeat real ones and carry weight 0); ``drop_last`` drops instead.
+    3. A rank's piece is cut into windows of ``window_blocks`` consecutive blocks, and each window
+       is permuted row by row, seeded by ``(seed, epoch, rank, window)``.
+
+    So every real position is visited exactly once per epoch, a batch mixes rows from up to
+    ``window_blocks`` blocks, and batches differ from epoch to epoch, while a reader needs only
+    the blocks of one window at a time (memory bounded by the window, not by the dataset).
+    """
+    block_of = np.asarray(block_of)
+    if window_blocks < 1:
+        raise ValueError("window_blocks must be ≥ 1")
+    n = len(block_of)
+    order = np.argsort(block_of, kind="stable")
+    starts = np.flatnonzero(np.r_[True, block_of[order][1:] != block_of[order][:-1]]) if n else np.zeros(0, np.int64)
+    bounds = np.r_[starts, n]
+    rng = np.random.default_rng([seed, epoch])
+    visit = rng.permutation(len(starts))
+    sequence = np.concatenate([order[bounds[b]:bounds[b + 1]] for b in visit]) if n else np.zeros(0, np.int64)
+    piece_of = np.repeat(np.arange(len(visit)), np.diff(bounds)[visit]) if n else np.zeros(0, np.int64)
+    per_rank = rows_per_rank(n, world.world_size, drop_last)
+    at = np.arange(world.rank * per_rank, (world.rank + 1) * per_rank, dtype=np.int64)
+    if n == 0:
+        at = at[:0]
+    lap, index = (at // n, at % n) if n else (at, at)
+    positions, pad = sequence[index], lap > 0
+    piece = piece_of[index] + lap * len(visit)  # a repeated block is a new piece
+    piece_starts = np.flatnonzero(np.r_[True, piece[1:] != piece[:-1]]) if len(piece) else np.zeros(0, np.int64)
+    window_starts = np.r_[piece_starts[::window_blocks], len(positions)].astype(np.int64)
+    for w, (a, b) in enumerate(zip(window_starts[:-1], window_starts[1:])):
+        perm = np.random.default_rng([seed, epoch, world.rank, w]).permutation(int(b - a)) + a
+        positions[a:b], pad[a:b] = positions[perm], pad[perm]
+    return ShuffledEpoch(positions.astype(np.int64), pad, window_starts)

@@ -32,6 +32,10 @@ def job_config_class(path: Path):
         from ray_jobs.train_student import TrainConfig
 
         return TrainConfig
+    if path.name.startswith("explain_"):
+        from ray_jobs.explain import ExplainConfig
+
+        return ExplainConfig
     from ray_jobs.pipeline import PipelineConfig
 
     return PipelineConfig
@@ -114,9 +118,12 @@ def test_config_parses(path, tmp_path):
     (tmp_path / "again.yaml").write_text(yaml.safe_dump(as_dict(config)))
     assert load_config(cls, str(tmp_path / "again.yaml"), []) == config
     # and an override wins over the file, nothing else changes
-    changed = load_config(cls, str(path), ["store=s3://elsewhere/store"])
-    assert changed == dataclasses.replace(config, store="s3://elsewhere/store")
-    if hasattr(config, "students"):
+    key, value = ("store", "s3://elsewhere/store") if hasattr(config, "store") else ("out", "elsewhere")
+    changed = load_config(cls, str(path), [f"{key}={value}"])
+    assert changed == dataclasses.replace(config, **{key: value})
+    from ray_jobs.pipeline import PipelineConfig
+
+    if isinstance(config, PipelineConfig):
         from ray_jobs.stages.pipeline import plan_experiments, stage_configs
 
         extract, distill = stage_configs(config)
@@ -134,7 +141,7 @@ def test_paper_settings_match_the_paper():
     distill = load_config(DistillConfig, str(configs / "distill_paper_ava.yaml"), [])
     assert (distill.batch_size, distill.lr, distill.epochs, distill.lr_step_epochs) == (512, 3e-5, 12, 3)
     train = load_config(TrainConfig, str(configs / "train_student_paper_ava.yaml"), [])
-    assert (train.batch_size, train.lr, train.epochs, train.lr_step_epochs) == (16, 3e-5, 12, 3)
+    assert (train.global_batch_size, train.lr, train.epochs, train.lr_step_epochs) == (16, 3e-5, 12, 3)
     assert train.student.view == "resize:300" and train.loss.kind == "kd"
 
 
@@ -148,7 +155,7 @@ def test_paper_pipeline_and_its_ablations_differ_only_in_their_keys():
         "bit_m_r152x4", "ig_resnext101_32x48d", "swsl_resnext101_32x8d"}
     assert (distill.batch_size, distill.lr, distill.epochs, distill.lr_step_epochs) == (512, 3e-5, 12, 3)
     student = plan_experiments(paper, "knowledge-0")[0].config
-    assert (student.batch_size, student.lr, student.epochs, student.lr_step_epochs) == (16, 3e-5, 12, 3)
+    assert (student.global_batch_size, student.lr, student.epochs, student.lr_step_epochs) == (16, 3e-5, 12, 3)
     assert (student.student.backbone, student.student.view) == ("swsl_resnext101_32x8d", "resize:300")
     for path in sorted(configs.glob("paper_ava_*.yaml")):
         ablation = load_config(PipelineConfig, str(path), [])

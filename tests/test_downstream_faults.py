@@ -26,7 +26,7 @@ from featurestore.views import GsfView, import_features
 from trainers.distiller import DistillerSpec
 from trainers.images import ImageDecoder
 from trainers.knowledge import distill, knowledge_hashes
-from trainers.student_data import StudentStream, split_rows
+from trainers.student_data import DecodedImages, StudentStream, split_rows
 
 EXTRACTOR = ExtractorSpec(backbones=(BackboneSpec("toy", "random:0", ("stem",), 24),))
 SPEC = DistillerSpec(backbones=(), hidden=(16, 8), epochs=3, batch_size=8)
@@ -54,8 +54,8 @@ def stream(store_url: str, key: str) -> StudentStream:
     knowledge = store.open(key)
     table = GsfView(store, knowledge.attrs["view"]).dataset()
     data = split_rows(table, knowledge_hashes(knowledge), "train", "distribution")
-    return StudentStream(store_url, key, data, "distribution", World(0, 1), 4, ImageDecoder(device="cpu", resize=(32, 32)),
-                         (32, 32), seed=0, locality_rows=8)
+    images = DecodedImages(data, ImageDecoder(device="cpu", resize=(32, 32)), (32, 32), locality_rows=8)
+    return StudentStream(store_url, key, data, "distribution", World(0, 1), 4, images, seed=0)
 
 
 def epoch_rows(s: StudentStream) -> tuple[list[int], np.ndarray]:

@@ -71,6 +71,6 @@ def test_extract_distill_train_under_ray_job_submit_to_s3(ray_head, tmp_path, s3
 
     student = submit(ray_head, "ray_jobs.train_student", f"store={store}", f"knowledge_entry={knowledge['entry']}",
                      "student.backbone=resnet18", "student.view=resize:64", "num_workers=[1,2]", "epochs=1",
-                     "batch_size=2", f"storage_path=s3://{s3_bucket}/runs", "name=submitted")
+                     "global_batch_size=2", f"storage_path=s3://{s3_bucket}/runs", "name=submitted")
     assert student["checkpoint"].startswith(f"s3://{s3_bucket}/runs/submitted") and student["epochs"] == 1
     assert student["train_rows"] == 6

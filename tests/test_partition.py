@@ -8,7 +8,9 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from featurestore.partition import World, plan_epoch, plan_for, rows_per_rank, shard_order
+import numpy as np
+
+from featurestore.partition import World, plan_epoch, plan_for, plan_shuffled, rows_per_rank, shard_order
 
 plans = st.tuples(st.integers(0, 600), st.integers(1, 70), st.integers(1, 9), st.integers(1, 4),
                   st.integers(0, 2**32 - 1), st.integers(0, 50))
@@ -83,3 +85,64 @@ def test_world_indices():
     w = World(rank=5, world_size=8, worker=1, num_workers=2, ranks_per_node=4)
     assert (w.node, w.local_rank) == (1, 1)
     assert rows_per_rank(10, 4) == 3 and rows_per_rank(10, 4, drop_last=True) == 2
+
+
+shuffled_plans = st.tuples(st.integers(0, 400), st.integers(1, 40), st.integers(1, 6), st.integers(1, 5),
+                           st.integers(0, 2**32 - 1), st.integers(0, 50), st.booleans())
+
+
+def _blocks(rows: int, block_rows: int, seed: int) -> np.ndarray:
+    """A block id per position, blocks of ``block_rows`` positions in a scrambled position order
+    (the caller's rows need not be sorted by where they are stored)."""
+    return np.random.default_rng(seed).permutation(np.arange(rows) // block_rows)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shuffled_plans)
+def test_shuffled_epoch_visits_every_position_exactly_once_with_equal_rank_counts(params):
+    rows, block_rows, world, window, seed, epoch, drop_last = params
+    blocks = _blocks(rows, block_rows, seed)
+    epochs = [plan_shuffled(blocks, World(rank, world), seed, epoch, window, drop_last) for rank in range(world)]
+    real = Counter(int(p) for e in epochs for p in e.positions[~e.pad])
+    assert [len(e) for e in epochs] == [rows_per_rank(rows, world, drop_last)] * world
+    if drop_last:
+        assert not any(e.pad.any() for e in epochs) and len(real) == world * (rows // world)
+    else:
+        assert sorted(real) == list(range(rows))
+    assert set(real.values()) <= {1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(shuffled_plans)
+def test_a_shuffle_window_holds_at_most_window_blocks_blocks(params):
+    rows, block_rows, world, window, seed, epoch, drop_last = params
+    blocks = _blocks(rows, block_rows, seed)
+    for rank in range(world):
+        e = plan_shuffled(blocks, World(rank, world), seed, epoch, window, drop_last)
+        assert e.window_starts[0] == 0 and e.window_starts[-1] == len(e)
+        for part in e.windows():
+            # a block repeated as padding counts as one more block
+            assert 1 <= len({(int(b), bool(p)) for b, p in zip(blocks[e.positions[part]], e.pad[part])}) <= window
+
+
+@settings(max_examples=100, deadline=None)
+@given(shuffled_plans)
+def test_shuffled_epoch_is_a_pure_function(params):
+    rows, block_rows, world, window, seed, epoch, drop_last = params
+    blocks = _blocks(rows, block_rows, seed)
+    a = plan_shuffled(blocks, World(seed % world, world), seed, epoch, window, drop_last)
+    b = plan_shuffled(blocks.copy(), World(seed % world, world), seed, epoch, window, drop_last)
+    assert np.array_equal(a.positions, b.positions) and np.array_equal(a.pad, b.pad)
+    assert np.array_equal(a.window_starts, b.window_starts)
+
+
+def test_shuffled_batches_differ_between_epochs_and_mix_blocks():
+    """The same row set never forms a batch in two consecutive epochs, and a batch draws on
+    several blocks (not 16 neighbours of one shard, as a span plan gives)."""
+    blocks = np.arange(4096) // 64
+    batches = {}
+    for epoch in (0, 1):
+        e = plan_shuffled(blocks, World(0, 2), seed=3, epoch=epoch, window_blocks=8)
+        batches[epoch] = [frozenset(e.positions[i:i + 16].tolist()) for i in range(0, len(e), 16)]
+    assert not set(batches[0]) & set(batches[1])
+    assert np.mean([len({int(p) // 64 for p in batch}) for batch in batches[0]]) > 4

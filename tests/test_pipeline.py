@@ -40,7 +40,7 @@ def tiny_config(tmp: Path) -> dict:
         "students": [STUDENT],
         "losses": ["kd"],
         "seeds": [0],
-        "train": {"num_workers": 2, "epochs": 1, "batch_size": 8, "lr": 1e-4, "max_failures": 0,
+        "train": {"num_workers": 2, "epochs": 1, "global_batch_size": 16, "lr": 1e-4, "max_failures": 0,
                   "storage_path": str(tmp / "ray_results")},
         "report": str(tmp / "report"),
     }

@@ -23,7 +23,7 @@ from trainers.distiller import DistillerSpec
 from trainers.knowledge import distill, knowledge_hashes, knowledge_rows
 
 N_IMAGES = 30
-TINY = ["student.backbone=resnet18", "student.weights=random:0", "student.view=resize:64", "batch_size=4",
+TINY = ["student.backbone=resnet18", "student.weights=random:0", "student.view=resize:64", "global_batch_size=8",
         "num_workers=2", "cpus_per_worker=1", "lr=1e-3", "max_unreadable_fraction=0.1"]  # 1 of 24 never decodes
 
 
@@ -49,7 +49,22 @@ def train(*overrides: str) -> dict:
     return main(load_config(TrainConfig, None, list(overrides)))
 
 
-def test_stream_partitions_train_rows_exactly_once_with_equal_steps(tmp_path):
+def image_source(kind: str, store_url: str, data, size=(32, 32)):
+    """The stream's images: decoded every epoch, or the stored views (decoded once, on Ray tasks)."""
+    from trainers.images import ImageDecoder
+    from trainers.student_data import DecodedImages, StoredImages
+    from trainers.student_views import ensure_views, pixel_view
+
+    if kind == "decode":
+        return DecodedImages(data, ImageDecoder(device="cpu", resize=size), size, locality_rows=8)
+    distinct, first = np.unique(data.sha256, return_index=True)
+    views = ensure_views(store_url, pixel_view(f"resize:{size[0]}x{size[1]}", use_gpu=False), distinct,
+                         [data.uris[i] for i in first])
+    return StoredImages(store_url, views, data)
+
+
+@pytest.mark.parametrize("source", ["decode", "stored"])
+def test_stream_partitions_train_rows_exactly_once_with_equal_steps(ray_local, tmp_path, source):
     from trainers.images import ImageDecoder
     from trainers.student_data import StudentStream, split_rows
 
@@ -60,12 +75,13 @@ def test_stream_partitions_train_rows_exactly_once_with_equal_steps(tmp_path):
     dataset = GsfView(store, knowledge.attrs["view"]).dataset()
     data = split_rows(dataset, knowledge_hashes(knowledge), "train", "distribution")
     assert len(data) == 24 and all(dataset.splits[r] == "train" for r in data.rows) and 1 in data.rows
-    decoder = ImageDecoder(device="cpu", resize=(32, 32))
+    images = image_source(source, store_url, data)
+    reference = ImageDecoder(device="cpu", resize=(32, 32))
     for world in (1, 2, 3, 5):
         seen, steps = [], []
         for rank in range(world):
-            stream = StudentStream(store_url, key, data, "distribution", World(rank, world), 4, decoder, (32, 32),
-                                   seed=3, locality_rows=8)
+            stream = StudentStream(store_url, key, data, "distribution", World(rank, world), 4, images, seed=3,
+                                   window_blocks=2)
             batches = list(stream.epoch(epoch=1))
             steps.append(len(batches))
             for b in batches:
@@ -73,13 +89,18 @@ def test_stream_partitions_train_rows_exactly_once_with_equal_steps(tmp_path):
                 krows = knowledge_rows(knowledge_hashes(knowledge), dataset.sha256[b.rows])
                 np.testing.assert_array_equal(b.teacher_feature.numpy(),
                                               knowledge.read_rows(krows, ["feature"])["feature"])
-                seen += b.rows[b.weight.numpy() > 0].tolist()
+                used = b.weight.numpy() > 0
+                # each used image is its own view, as decoding it now gives (stored or not)
+                want = [d.image.permute(2, 0, 1) for d in reference.decode(
+                    [Path(dataset.uris[r]).read_bytes() for r in b.rows[used]])]
+                assert all(torch.equal(got, w) for got, w in zip(b.images[used], want))
+                seen += b.rows[used].tolist()
         assert len(set(steps)) == 1  # DDP needs equal step counts
         assert sorted(seen) == sorted(set(data.rows.tolist()) - {1})
 
 
-def test_a_moved_dataset_streams_every_row_and_changed_images_are_counted(tmp_path):
-    from trainers.images import ImageDecoder
+@pytest.mark.parametrize("source", ["decode", "stored"])
+def test_a_moved_dataset_streams_every_row_and_changed_images_are_counted(ray_local, tmp_path, source):
     from trainers.student_data import StudentStream, split_rows
 
     store_url = str(tmp_path / "store")
@@ -92,9 +113,8 @@ def test_a_moved_dataset_streams_every_row_and_changed_images_are_counted(tmp_pa
     assert len(data) == 24 and all(u.startswith(str(tmp_path / "moved")) for u in data.uris)
     changed = data.uris[2]
     Path(changed).write_bytes(Path(data.uris[3]).read_bytes())  # other bytes than were indexed
-    decoder = ImageDecoder(device="cpu", resize=(32, 32))
-    stream = StudentStream(store_url, key, data, "distribution", World(0, 1), 4, decoder, (32, 32), seed=0,
-                           locality_rows=8)
+    stream = StudentStream(store_url, key, data, "distribution", World(0, 1), 4, image_source(source, store_url, data),
+                           seed=0)
     used = [r for b in stream.epoch(0) for r in b.rows[b.weight.numpy() > 0].tolist()]
     assert sorted(used) == sorted(set(data.rows.tolist()) - {1, int(data.rows[2])})
     assert stream.unreadable.count == 2  # the undecodable one and the changed one
@@ -233,3 +253,57 @@ def test_too_many_unreadable_images_fail_the_run_naming_them(ray_local, tmp_path
     with pytest.raises(UnreadableImages, match=r"24 of 24 train images could not be used in epoch 0.*/ava/.*dataset\.path"):
         train(f"store={store_url}", f"knowledge_entry={key}", *TINY, "epochs=1", "max_failures=0",
               f"storage_path={tmp_path / 'runs'}", "name=unreadable")
+
+
+def registered_state(s3, bucket: str, run: str) -> dict | None:
+    """Where the latest checkpoint Ray Train registered for ``run`` stands (trainer_state.json's
+    ``state``: epoch, step, ...), or None while there is none."""
+    from botocore.exceptions import ClientError
+
+    try:
+        latest = s3_json(s3, bucket, f"{run}/checkpoint_manager_snapshot.json")["latest_checkpoint_result"]
+        return s3_json(s3, bucket, f"{run}/{latest['checkpoint_dir_name']}/trainer_state.json")["state"]
+    except (ClientError, ValueError, KeyError, TypeError):
+        return None
+
+
+def test_a_worker_killed_mid_epoch_resumes_at_the_next_batch_with_the_uninterrupted_losses(ray_local, tmp_path,
+                                                                                          s3_bucket):
+    """Gradient accumulation (2 micro-batches of 2 rows per worker and step, 2 workers: 8 rows a
+    step) and a checkpoint every step: a worker killed after a mid-epoch checkpoint resumes at the
+    next batch, and every epoch's losses and metrics equal those of a run never stopped."""
+    import boto3
+
+    store_url = str(tmp_path / "store")
+    key = knowledge_entry(tmp_path, store_url)
+    run = (f"store={store_url}", f"knowledge_entry={key}", *TINY, "micro_batch_size=2", "checkpoint_every_steps=1",
+           "epochs=3")
+    straight = train(*run, f"storage_path={tmp_path / 'runs'}", "name=straight")
+    assert straight["steps"] == [3, 3, 3] and straight["global_batch_size"] == 8 and straight["world_sizes"] == [2]
+    s3 = boto3.client("s3")
+
+    def mid_epoch() -> list | None:
+        state = registered_state(s3, s3_bucket, "runs/mid")
+        return [state] if state and state["step"] > 0 else None
+
+    killed, seen = train_killing_a_worker(mid_epoch, *run, f"storage_path=s3://{s3_bucket}/runs", "name=mid",
+                                          "max_failures=2")
+    assert "victim" in seen and seen.get("restarted"), "no worker was killed after a mid-epoch checkpoint"
+    (state,) = seen["before"]
+    # the epoch's sums so far, over both workers: 8 rows a step (less the undecodable one, if seen)
+    assert 0 < state["step"] < 3 and state["rows_seen"] in (8 * state["step"], 8 * state["step"] - 1)
+    same_epochs(killed["history"], straight["history"])
+    assert killed["metrics"] == straight["metrics"]
+
+
+def test_batch_plan_splits_the_global_batch_and_refuses_uneven_worlds():
+    from trainers.train_loop import BatchPlanError, batch_plan
+
+    assert batch_plan(16, 1, None) == (16, 1)
+    assert batch_plan(16, 2, None) == (8, 1)
+    assert batch_plan(16, 8, None) == (2, 1)
+    assert batch_plan(16, 1, 4) == (4, 4)
+    assert batch_plan(16, 2, 3) == (2, 4)  # 8 per worker, at most 3 at once: 4 micro-batches of 2
+    assert batch_plan(12, 1, 5) == (4, 3)
+    with pytest.raises(BatchPlanError, match=r"global_batch_size=16 cannot be split evenly over 3 workers.*\[1, 2, 4, 8, 16\]"):
+        batch_plan(16, 3, None)

@@ -1,18 +1,28 @@
-"""One DDP rank's stream of student batches: image bytes from the dataset, knowledge from the store.
+"""One DDP rank's stream of student batches: the student's view of each image, and its knowledge.
 
-Each rank reads only its own partition. The partition plan (featurestore/partition.py) runs over
-the positions of the usable rows of a split: its labelled rows (``trainers.labels.labelled_rows``,
-the images the teacher was fitted and scored on) whose image has teacher knowledge (joined by
-image hash, so a moved or re-split dataset finds it). Those rows are sorted by knowledge row, so
-neighbouring positions share knowledge shards. Every rank gets the same number of rows, and so
-the same number of steps, which DDP needs. Padding rows have weight 0, so each real row counts
-exactly once per epoch.
+Each rank reads only its own share. The rows are a split's usable rows (:func:`split_rows`:
+labelled rows whose image has teacher knowledge, joined by image hash, so a moved or re-split
+dataset finds it). Every epoch is a shuffle-buffered plan (``featurestore.partition.plan_shuffled``):
+rows grouped by the block that stores them, blocks in an order drawn from (seed, epoch), equal
+pieces per rank (padding rows have weight 0, so each real row counts exactly once per epoch and
+every rank takes the same number of steps, which DDP needs), and each window of
+``window_blocks`` blocks permuted row by row, so batches mix rows of several shards and differ
+from epoch to epoch.
 
-A background thread stays up to ``prefetch`` batches ahead of training. It reads image bytes
-(local or s3://), checks their SHA-256 against the dataset index, decodes them to the student's
-fixed view with DALI, and reads the aligned knowledge rows. An image that cannot be read, has
-other bytes than were indexed, or fails to decode gets weight 0, never stalls the epoch, and is
-counted in :attr:`StudentStream.unreadable` (the trainer fails a run past a threshold).
+A background thread loads the next window while the current one is trained on, and keeps up to
+``prefetch`` batches ready. Images come from one of two sources:
+
+* :class:`StoredImages` (the default): the stored views (featurestore/pixels.py, decoded once by
+  trainers/student_views.py). A block is a stored shard; a window reads each of its shards with
+  one GET, in parallel. Nothing is decoded per epoch.
+* :class:`DecodedImages`: image bytes read (local or s3://), checked against their indexed
+  SHA-256 and decoded to the view with DALI every epoch; a block is ``locality_rows`` rows in
+  knowledge order.
+
+Knowledge rows are read per window as runs of inner chunks (``EntryReader.read_rows``). An image
+that cannot be used (its view failed, or its bytes are gone, changed or undecodable) gets weight
+0, never stalls the epoch, and is counted in :attr:`StudentStream.unreadable` (the trainer fails
+a run past a threshold).
 
 There is no random augmentation: stored knowledge belongs to one fixed view of each image (see
 DESIGN §3).
@@ -23,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -32,13 +42,18 @@ import torch
 
 from featurestore import sources
 from featurestore.dataset_table import DatasetTable
-from featurestore.partition import World, plan_for
+from featurestore.partition import ShuffledEpoch, World, plan_shuffled
+from featurestore.pixels import PIXELS_ARRAY
+from featurestore.reader import EntryReader
 from featurestore.store import FeatureStore
 from trainers.images import ImageDecoder
 from trainers.knowledge import knowledge_rows
 from trainers.labels import labelled_rows, table_targets
+from trainers.student_views import StoredViews
 
 READ_THREADS = 8
+#: A stored shard is read whole when the window needs at least 1/WHOLE_SHARD_SHARE of its rows.
+WHOLE_SHARD_SHARE = 4
 
 
 @dataclass
@@ -49,6 +64,7 @@ class StudentBatch:
     gt: torch.Tensor              # ground truth in the label's form
     teacher_feature: torch.Tensor  # f_t [B, F]
     teacher_prediction: torch.Tensor  # D_t [B, 10] (or [B])
+    unreadable: tuple[tuple[str, str], ...] = ()  # (uri, reason) of the real rows that cannot be used
 
 
 @dataclass(frozen=True)
@@ -90,79 +106,83 @@ class Unreadable:
         self.count += 1
         self.example = self.example or f"{uri}: {reason}"
 
+    def add_batch(self, batch: StudentBatch) -> None:
+        for uri, reason in batch.unreadable:
+            self.add(uri, reason)
 
-class StudentStream:
-    """Batches for one rank. Build it once per worker; call :meth:`epoch` each epoch."""
 
-    def __init__(self, store_url: str, knowledge_key: str, data: SplitRows, label: str, world: World,
-                 batch_size: int, decoder: ImageDecoder, image_size: tuple[int, int], seed: int,
-                 locality_rows: int, prefetch: int = 2):
-        self.knowledge = FeatureStore(store_url, create=False).open(knowledge_key)
-        self.data, self.label, self.world = data, label, world
-        self.batch_size, self.decoder, self.image_size, self.seed = batch_size, decoder, image_size, seed
-        self.locality_rows, self.prefetch = locality_rows, max(1, prefetch)
-        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="student-read")
-        self.unreadable = Unreadable()
+@dataclass(frozen=True, eq=False)
+class LoadedImages:
+    """A window's images, ``uint8 [n, H, W, 3]``, and for each row why it is unusable (or None)."""
 
-    def positions(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's positions into ``data`` for ``epoch`` and their padding flags."""
-        spans = plan_for(self.world, len(self.data), self.locality_rows, self.seed, epoch)
-        if not spans:
-            return np.zeros(0, np.int64), np.zeros(0, bool)
-        return (np.concatenate([np.arange(s.start, s.stop) for s in spans]),
-                np.concatenate([np.full(len(s), s.pad) for s in spans]))
+    pixels: np.ndarray
+    reasons: list[str | None]
 
-    def steps(self, epoch: int) -> int:
-        return -(-len(self.positions(epoch)[0]) // self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[StudentBatch]:
-        self.unreadable = Unreadable()
-        positions, pad = self.positions(epoch)
-        chunks = [(positions[i:i + self.batch_size], pad[i:i + self.batch_size])
-                  for i in range(0, len(positions), self.batch_size)]
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
+class StoredImages:
+    """Images from stored views: each window reads the stored shards its rows are in, once each,
+    in parallel; shards it needs only a few rows of are read by inner chunk instead."""
 
-        def produce() -> None:
-            try:
-                for pos, is_pad in chunks:
-                    if stop.is_set():
-                        return
-                    ready.put(self._batch(pos, is_pad))
-                ready.put(None)
-            except BaseException as exc:  # surface loader errors in the training thread
-                ready.put(exc)
+    def __init__(self, store_url: str, views: StoredViews, data: SplitRows):
+        self.store, self.views = FeatureStore(store_url, create=False), views
+        self.size = (views.view.height, views.view.width)
+        found, self.segment, self.row = views.index.lookup(data.sha256)
+        self.reasons = [None if ok else views.failures.get(bytes(h), "no stored view") for ok, h in zip(found, data.sha256)]
+        self._readers: dict[int, EntryReader] = {}
+        shard_rows = {int(s): self._reader(int(s)).layout.shard_rows for s in np.unique(self.segment[found])}
+        shard = np.array([r // shard_rows[int(s)] if s >= 0 else 0 for s, r in zip(self.segment, self.row)], np.int64)
+        self.block_of = np.where(found, self.segment.astype(np.int64) << 32 | shard, -1)
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="view-read")
 
-        thread = threading.Thread(target=produce, name="student-stream", daemon=True)
-        thread.start()
-        try:
-            while (item := ready.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while thread.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    ready.get_nowait()
-                except queue.Empty:
-                    thread.join(timeout=0.05)
+    def _reader(self, segment: int) -> EntryReader:
+        if segment not in self._readers:
+            self._readers[segment] = self.store.open(self.views.index.segments[segment])
+        return self._readers[segment]
 
-    def _batch(self, pos: np.ndarray, pad: np.ndarray) -> StudentBatch:
-        rows = self.data.rows[pos]
-        encoded = list(self._readers.map(self._read, pos))
+    def load(self, positions: np.ndarray) -> LoadedImages:
+        pixels = np.zeros((len(positions), *self.size, 3), np.uint8)
+        groups: dict[int, list[int]] = {}
+        for i, block in enumerate(self.block_of[positions]):
+            if block >= 0:
+                groups.setdefault(int(block), []).append(i)
+
+        def read(block: int) -> None:
+            picked = np.asarray(groups[block])
+            reader, rows = self._reader(block >> 32), self.row[positions[picked]]
+            start, stop = reader.layout.shard_range(int(rows[0]) // reader.layout.shard_rows)
+            if len(np.unique(rows)) * WHOLE_SHARD_SHARE >= stop - start:  # one GET of the whole shard
+                block_pixels = reader.read_range(start, stop, [PIXELS_ARRAY])[PIXELS_ARRAY][rows - start]
+            else:
+                block_pixels = reader.read_rows(rows, [PIXELS_ARRAY])[PIXELS_ARRAY]
+            pixels[picked] = block_pixels.reshape(len(picked), *self.size, 3)
+
+        list(self._pool.map(read, groups))
+        return LoadedImages(pixels, [self.reasons[p] for p in positions])
+
+
+class DecodedImages:
+    """Images decoded every epoch: read (local or s3://), checked against the indexed SHA-256, and
+    decoded to the view; blocks are ``locality_rows`` consecutive rows (knowledge order)."""
+
+    def __init__(self, data: SplitRows, decoder: ImageDecoder, size: tuple[int, int], locality_rows: int):
+        self.data, self.decoder, self.size = data, decoder, size
+        self.block_of = np.arange(len(data), dtype=np.int64) // max(1, locality_rows)
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="student-read")
+
+    def load(self, positions: np.ndarray) -> LoadedImages:
+        encoded = list(self._pool.map(self._read, positions))
         decoded = self.decoder.decode([e if isinstance(e, bytes) else b"" for e in encoded])
-        blank = torch.zeros((*self.image_size, 3), dtype=torch.uint8, device=self.decoder.output_device)
-        images = torch.stack([d.image if d.image is not None else blank for d in decoded]).permute(0, 3, 1, 2)
-        weight = torch.tensor([0.0 if p or d.image is None else 1.0 for p, d in zip(pad, decoded)])
-        for p, is_pad, e, d in zip(pos, pad, encoded, decoded):
-            if not is_pad and d.image is None:
-                self.unreadable.add(self.data.uris[p], e if isinstance(e, str) else f"cannot decode: {d.reason}")
-        knowledge = self.knowledge.read_rows(self.data.knowledge_rows[pos], ["feature", self.label])
-        return StudentBatch(rows=rows, images=images.contiguous(), weight=weight,
-                            gt=torch.from_numpy(self.data.targets[pos]),
-                            teacher_feature=torch.from_numpy(knowledge["feature"]),
-                            teacher_prediction=torch.from_numpy(knowledge[self.label]))
+        pixels = np.zeros((len(positions), *self.size, 3), np.uint8)
+        reasons: list[str | None] = []
+        for i, (p, e, d) in enumerate(zip(positions, encoded, decoded)):
+            if isinstance(e, str):
+                reasons.append(e)
+            elif d.image is None:
+                reasons.append(f"cannot decode: {d.reason}")
+            else:
+                pixels[i] = d.image.cpu().numpy()
+                reasons.append(None)
+        return LoadedImages(pixels, reasons)
 
     def _read(self, position: int) -> bytes | str:
         """The image's bytes, or why they cannot be used."""
@@ -173,3 +193,116 @@ class StudentStream:
         if hashlib.sha256(data).digest() != self.data.sha256[position].ljust(32, b"\0"):
             return "its bytes differ from the indexed image (sha256 mismatch); re-index the dataset"
         return data
+
+
+@dataclass(frozen=True, eq=False)
+class Window:
+    """The loaded rows of one shuffle window: ``offset`` is where it starts in the epoch's plan."""
+
+    offset: int
+    positions: np.ndarray
+    pad: np.ndarray
+    images: LoadedImages
+    knowledge: dict[str, np.ndarray]
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.positions)
+
+
+class StudentStream:
+    """Batches for one rank. Build it once per worker; call :meth:`epoch` each epoch."""
+
+    def __init__(self, store_url: str, knowledge_key: str, data: SplitRows, label: str, world: World,
+                 batch_size: int, images: StoredImages | DecodedImages, seed: int, window_blocks: int = 8,
+                 prefetch: int = 4, channels_last: bool = False, pin_memory: bool = False):
+        self.knowledge = FeatureStore(store_url, create=False).open(knowledge_key)
+        self.data, self.label, self.world, self.images = data, label, world, images
+        self.batch_size, self.seed, self.window_blocks = batch_size, seed, window_blocks
+        self.prefetch, self.channels_last, self.pin_memory = max(1, prefetch), channels_last, pin_memory
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="student-window")
+        self.unreadable = Unreadable()
+
+    def plan(self, epoch: int) -> ShuffledEpoch:
+        return plan_shuffled(self.images.block_of, self.world, self.seed, epoch, self.window_blocks)
+
+    def steps(self, epoch: int) -> int:
+        """Batches this rank yields in ``epoch`` (the same on every rank)."""
+        return -(-len(self.plan(epoch)) // self.batch_size)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[StudentBatch]:
+        """The epoch's batches from batch ``start_batch`` on (a resumed run skips the batches it
+        trained on without reading them)."""
+        self.unreadable = Unreadable()
+        plan = self.plan(epoch)
+        starts = list(range(start_batch * self.batch_size, len(plan), self.batch_size))
+        windows = [w for w in plan.windows() if starts and w.stop > starts[0]]
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                loaded: list[Window] = []
+                upcoming = iter(windows)
+                following = self._next(plan, upcoming)
+                for start in starts:
+                    end = min(start + self.batch_size, len(plan))
+                    while not loaded or loaded[-1].end < end:
+                        loaded.append(following.result())
+                        following = self._next(plan, upcoming)  # read the next window meanwhile
+                    loaded = [w for w in loaded if w.end > start]
+                    if stop.is_set():
+                        return
+                    ready.put(self._batch(loaded, start, end))
+                ready.put(None)
+            except BaseException as exc:  # surface loader errors in the training thread
+                ready.put(exc)
+
+        thread = threading.Thread(target=produce, name="student-stream", daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                self.unreadable.add_batch(item)  # counted when consumed: a checkpoint's count is exact
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+    def _next(self, plan: ShuffledEpoch, upcoming: Iterator[slice]) -> Future:
+        part = next(upcoming, None)
+        if part is None:
+            done: Future = Future()
+            done.set_exception(RuntimeError("the plan has no more windows"))
+            return done
+        return self._loader.submit(self._load, plan, part)
+
+    def _load(self, plan: ShuffledEpoch, part: slice) -> Window:
+        positions = plan.positions[part]
+        knowledge = self.knowledge.read_rows(self.data.knowledge_rows[positions], ["feature", self.label])
+        return Window(part.start, positions, plan.pad[part], self.images.load(positions), knowledge)
+
+    def _batch(self, windows: list[Window], start: int, end: int) -> StudentBatch:
+        parts = [(w, slice(max(start, w.offset) - w.offset, min(end, w.end) - w.offset))
+                 for w in windows if w.offset < end and w.end > start]
+        pos = np.concatenate([w.positions[s] for w, s in parts])
+        pad = np.concatenate([w.pad[s] for w, s in parts])
+        pixels = np.concatenate([w.images.pixels[s] for w, s in parts])
+        reasons = [r for w, s in parts for r in w.images.reasons[s]]
+        unreadable = tuple((self.data.uris[p], reason) for p, is_pad, reason in zip(pos, pad, reasons)
+                           if not is_pad and reason is not None)
+        images = torch.from_numpy(pixels)
+        if self.pin_memory:
+            images = images.pin_memory()
+        images = images.permute(0, 3, 1, 2)  # NCHW with channels-last strides, as stored
+        weight = torch.tensor([0.0 if is_pad or reason is not None else 1.0 for is_pad, reason in zip(pad, reasons)])
+        knowledge = {name: np.concatenate([w.knowledge[name][s] for w, s in parts]) for name in ("feature", self.label)}
+        return StudentBatch(rows=self.data.rows[pos], images=images if self.channels_last else images.contiguous(),
+                            weight=weight, gt=torch.from_numpy(self.data.targets[pos]),
+                            teacher_feature=torch.from_numpy(knowledge["feature"]),
+                            teacher_prediction=torch.from_numpy(knowledge[self.label]), unreadable=unreadable)

@@ -1,36 +1,41 @@
 """The student recipe that runs on every Ray Train worker (DDP: NCCL on GPU, gloo on CPU).
 
-Every epoch a worker streams its partition of the train split (trainers/student_data.py), takes
-steps with the configured KD loss, and evaluates its partition of the test split. The
-predictions are gathered so that every rank reports the same validation metrics. Rank 0 then
-writes a checkpoint:
+Every epoch a worker streams its share of the train split (trainers/student_data.py), takes
+optimizer steps of ``global_batch_size`` rows with the configured KD loss, and evaluates its
+share of the test split. The predictions are gathered so that every rank reports the same
+validation metrics. Rank 0 writes a checkpoint at the end of every epoch and, with
+``checkpoint_every_steps``, inside it:
 
 * ``model.safetensors`` and ``student.json`` (trainers/student.py);
 * ``optimizer.safetensors`` + ``trainer_state.json``: the optimizer's tensors, and its param groups,
-  the scheduler and the epoch as JSON. No pickle, as everywhere in the project;
-* ``history.json``: every epoch's metrics so far, so that a resumed run still has its training
-  curves.
+  the scheduler, where the run stands (epoch, step, the epoch's loss sums so far over all ranks)
+  and the world sizes used, as JSON. No pickle, as everywhere in the project;
+* ``history.json``: every finished epoch's metrics, so that a resumed run still has its curves.
 
 Ray Train keeps the checkpoint under ``storage_path/name``. When a worker dies, or the run is
-restarted under the same name, training resumes at the epoch after the last checkpoint
+restarted under the same name, training resumes at the batch after the last checkpoint
 (:func:`resume`): the weights are loaded with the student's own checks (state digest, same
-student), and a resumed run's per-epoch losses and metrics are those of an uninterrupted one —
-the data order is a pure function of (seed, epoch) and nothing else in an epoch draws random
-numbers, so the model, optimizer and scheduler state are all there is to restore.
+student), and a resumed run's losses and metrics are those of an uninterrupted one — the data
+order is a pure function of (seed, epoch) and nothing else in an epoch draws random numbers,
+so the model, optimizer, scheduler and the epoch's sums are all there is to restore.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from featurestore.errors import UserError
 from featurestore.partition import World
+from featurestore.pixels import PixelViewSpec
 from featurestore.store import FeatureStore
 from featurestore.views import get_table
 from trainers.labels import evaluate_label, prediction
@@ -38,7 +43,8 @@ from trainers.knowledge import knowledge_hashes
 from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
 from trainers.student import (StudentError, StudentSpec, build_student, decoder_for, restore_student, save_student,
                               view_size)
-from trainers.student_data import StudentStream, split_rows
+from trainers.student_data import DecodedImages, StoredImages, StudentStream, split_rows
+from trainers.student_views import stored_views
 
 OPTIMIZER_FILE, STATE_FILE, HISTORY_FILE = "optimizer.safetensors", "trainer_state.json", "history.json"
 
@@ -47,7 +53,24 @@ class UnreadableImages(UserError, RuntimeError):
     """Too many of an epoch's images could not be read, or no longer match the index."""
 
 
-def save_trainer_state(directory: str, optimizer: torch.optim.Optimizer, scheduler, epoch: int) -> None:
+class BatchPlanError(UserError, ValueError):
+    """The global batch cannot be split evenly over the workers."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a run stands: ``epoch`` in progress (or next), optimizer ``step`` reached in it, and
+    the epoch's loss sums and rows so far, summed over all ranks (a mid-epoch checkpoint's)."""
+
+    epoch: int = 0
+    step: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    rows_seen: float = 0.0
+    unreadable: int = 0
+
+
+def save_trainer_state(directory: str, optimizer: torch.optim.Optimizer, scheduler, run_state: RunState,
+                       world_sizes: list[int]) -> None:
     """Optimizer tensors as safetensors (``<param index>.<name>``), everything else as JSON."""
     from safetensors.torch import save_file
 
@@ -56,11 +79,13 @@ def save_trainer_state(directory: str, optimizer: torch.optim.Optimizer, schedul
                for index, entry in state["state"].items() for name, value in entry.items()}
     save_file(tensors, os.path.join(directory, OPTIMIZER_FILE))
     with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump({"param_groups": state["param_groups"], "scheduler": scheduler.state_dict(), "epoch": epoch}, f)
+        json.dump({"param_groups": state["param_groups"], "scheduler": scheduler.state_dict(),
+                   "state": dataclasses.asdict(run_state), "world_sizes": world_sizes}, f)
 
 
-def load_trainer_state(directory: str, optimizer: torch.optim.Optimizer, scheduler) -> int:
-    """Restore what :func:`save_trainer_state` wrote; returns the epoch it was saved after."""
+def load_trainer_state(directory: str, optimizer: torch.optim.Optimizer, scheduler) -> tuple[RunState, list[int]]:
+    """Restore what :func:`save_trainer_state` wrote; returns the run state it was saved at and
+    the world sizes the run has used."""
     from safetensors.torch import load_file
 
     with open(os.path.join(directory, STATE_FILE)) as f:
@@ -71,7 +96,7 @@ def load_trainer_state(directory: str, optimizer: torch.optim.Optimizer, schedul
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
-    return int(meta["epoch"])
+    return RunState(**meta["state"]), list(meta["world_sizes"])
 
 
 def load_history(directory: str) -> list[dict]:
@@ -83,37 +108,47 @@ def load_history(directory: str) -> list[dict]:
         return json.load(f)
 
 
-def resume(directory: str, model, optimizer: torch.optim.Optimizer, scheduler, config: dict) -> tuple[int, list[dict]]:
+def resume(directory: str, model, optimizer: torch.optim.Optimizer, scheduler,
+           config: dict) -> tuple[RunState, list[dict], list[int]]:
     """Restore a run from its checkpoint ``directory``: the model through the student's checked
     loading (``trainers.student.restore_student``: a corrupt or mixed checkpoint, or one of another
-    student, is a ``StudentError``, never silently loaded), then the optimizer, the scheduler and
-    the history. Returns the epoch to continue at and the history so far."""
+    student, is a ``StudentError``, never silently loaded), then the optimizer, the scheduler, the
+    history and where in the epoch it stopped. Returns the state to continue from, the history
+    so far and the world sizes used so far."""
     extra = restore_student(model, directory)
-    mine = {"knowledge_entry": config["knowledge_entry"], "loss": config["loss"]}
+    mine = {"knowledge_entry": config["knowledge_entry"], "loss": config["loss"],
+            "global_batch_size": config["global_batch_size"]}
     if changed := sorted(k for k, v in mine.items() if extra.get(k) != v):
         raise StudentError(f"checkpoint {directory} was trained with another {' and '.join(changed)} "
                            f"({', '.join(f'{k}={extra.get(k)!r}' for k in changed)}); give this run another name "
                            "to start it afresh")
-    epoch = load_trainer_state(directory, optimizer, scheduler)
-    if extra.get("epoch") != epoch:
-        raise StudentError(f"checkpoint {directory}: the weights are from epoch {extra.get('epoch')} but the "
-                           f"optimizer state from epoch {epoch}; the checkpoint is mixed from two saves")
+    state, world_sizes = load_trainer_state(directory, optimizer, scheduler)
+    if (extra.get("epoch"), extra.get("step")) != (state.epoch, state.step):
+        raise StudentError(f"checkpoint {directory}: the weights are from epoch {extra.get('epoch')} step "
+                           f"{extra.get('step')} but the optimizer state from epoch {state.epoch} step "
+                           f"{state.step}; the checkpoint is mixed from two saves")
     history = load_history(directory)
-    if history and [h.get("epoch") for h in history] != list(range(epoch + 1)):
-        raise StudentError(f"checkpoint {directory}: {HISTORY_FILE} does not hold epochs 0..{epoch}")
-    return epoch + 1, history
+    if [h.get("epoch") for h in history] != list(range(state.epoch)):
+        raise StudentError(f"checkpoint {directory}: {HISTORY_FILE} does not hold epochs 0..{state.epoch - 1}")
+    return state, history, world_sizes
+
+
+def batch_plan(global_batch_size: int, world_size: int, micro_batch_size: int | None) -> tuple[int, int]:
+    """``(per-worker batch, gradient accumulation)`` for ``global_batch_size`` rows per optimizer
+    step on ``world_size`` workers, each forward at most ``micro_batch_size`` rows: the fewest
+    accumulation steps that split the global batch evenly."""
+    if global_batch_size % world_size:
+        sizes = [w for w in range(1, global_batch_size + 1) if global_batch_size % w == 0]
+        raise BatchPlanError(f"global_batch_size={global_batch_size} cannot be split evenly over {world_size} "
+                             f"workers; use a world size of {sizes} (num_workers) or another global_batch_size")
+    per_worker = global_batch_size // world_size
+    limit = micro_batch_size or per_worker
+    accumulation = next(a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= limit)
+    return per_worker // accumulation, accumulation
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _sum(value: float, device: torch.device) -> float:
-    if not _distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
 
 
 def _gather_rows(array: np.ndarray, device: torch.device) -> np.ndarray:
@@ -133,84 +168,188 @@ def _gather_rows(array: np.ndarray, device: torch.device) -> np.ndarray:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+    """Ray Train's entry point on every worker."""
+    StudentRecipe(config).run()
 
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(config["seed"])
-    spec = StudentSpec.from_json(config["student"])
-    loss_spec = LossSpec(**config["loss"])
-    label = spec.label
 
-    model = build_student(spec).to(device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config["lr"])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config["lr_step_epochs"], gamma=0.1)
-    start_epoch, history = 0, []
-    if checkpoint := ray.train.get_checkpoint():
-        with checkpoint.as_directory() as directory:
-            start_epoch, history = resume(directory, model, optimizer, scheduler, config)
-    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-        if world_size > 1 else model
+class StudentRecipe:
+    """One worker's run, in torchtune's recipe shape: :meth:`setup` (model, optimizer, resume,
+    streams), :meth:`train` (epochs of optimizer steps), :meth:`save` (a checkpoint at the end of
+    each epoch and every ``checkpoint_every_steps`` steps).
 
-    store = FeatureStore(config["store"], create=False)
-    knowledge = store.open(config["knowledge_entry"])
-    table = get_table(store, config["dataset_table"], columns=("uri", "split", "votes", "mean_score"))
-    hashes = knowledge_hashes(knowledge)
-    decoder = decoder_for(spec, device)
-    streams = {split: StudentStream(config["store"], config["knowledge_entry"],
-                                    split_rows(table, hashes, split, label), label,
-                                    World(rank, world_size), config["batch_size"], decoder, view_size(spec.view),
-                                    config["seed"], locality_rows=knowledge.layout.shard_rows)
-               for split in ("train", "test")}
-    max_unreadable = config["max_unreadable_fraction"]
+    An optimizer step takes ``global_batch_size`` rows: each of the ``world_size`` workers forwards
+    ``accumulation`` micro-batches (:func:`batch_plan`), so elastic resizes keep the experiment.
+    On CUDA the forward runs under bf16 autocast with channels-last images, and loss sums stay on
+    the device: the host syncs once per ``log_every_steps`` steps, not per step.
+    """
 
-    for epoch in range(start_epoch, config["epochs"]):
-        started = time.perf_counter()
-        ddp_model.train()
-        sums: dict[str, float] = {}
-        rows_seen = 0.0
-        for batch in streams["train"].epoch(epoch):
-            weight = batch.weight.to(device)
-            f_s, logits = ddp_model(batch.images.to(device, non_blocking=True))
+    def __init__(self, config: dict):
+        import ray.train
+
+        self.config = config
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.micro_batch, self.accumulation = batch_plan(config["global_batch_size"], self.world_size,
+                                                         config.get("micro_batch_size"))
+
+    def run(self) -> None:
+        self.setup()
+        self.train()
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        config = self.config
+        self.device = ray.train.torch.get_device()
+        self.cuda = self.device.type == "cuda"
+        torch.manual_seed(config["seed"])
+        self.spec = StudentSpec.from_json(config["student"])
+        self.loss_spec = LossSpec(**config["loss"])
+        self.model = build_student(self.spec).to(self.device)
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=config["lr"])
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=config["lr_step_epochs"], gamma=0.1)
+        self.state, self.history, self.world_sizes = RunState(), [], []
+        if checkpoint := ray.train.get_checkpoint():
+            with checkpoint.as_directory() as directory:
+                self.state, self.history, self.world_sizes = resume(directory, self.model, self.optimizer,
+                                                                    self.scheduler, config)
+        if not self.world_sizes or self.world_sizes[-1] != self.world_size:
+            self.world_sizes = [*self.world_sizes, self.world_size]
+        self.ddp_model = ray.train.torch.prepare_model(self.model, parallel_strategy_kwargs={
+            "find_unused_parameters": False}) if self.world_size > 1 else self.model
+        self.streams = {split: self._stream(split) for split in ("train", "test")}
+
+    def _stream(self, split: str) -> StudentStream:
+        config, label = self.config, self.spec.label
+        store = FeatureStore(config["store"], create=False)
+        if not hasattr(self, "_rows"):
+            knowledge = store.open(config["knowledge_entry"])
+            table = get_table(store, config["dataset_table"], columns=("uri", "split", "votes", "mean_score"))
+            self._rows = (table, knowledge_hashes(knowledge), knowledge.layout.shard_rows)
+        table, hashes, locality_rows = self._rows
+        data = split_rows(table, hashes, split, label)
+        if config["images"] == "stored":
+            images = StoredImages(config["store"], stored_views(config["store"], PixelViewSpec.from_json(config["view"])),
+                                  data)
+        else:
+            images = DecodedImages(data, decoder_for(self.spec, self.device), view_size(self.spec.view), locality_rows)
+        return StudentStream(config["store"], config["knowledge_entry"], data, label, World(self.rank, self.world_size),
+                             self.micro_batch, images, config["seed"], window_blocks=config["window_blocks"],
+                             channels_last=self.cuda, pin_memory=self.cuda)
+
+    # -- train -----------------------------------------------------------------------------------
+
+    def steps_per_epoch(self, epoch: int) -> int:
+        return -(-self.streams["train"].steps(epoch) // self.accumulation)
+
+    def train(self) -> None:
+        config, label, device = self.config, self.spec.label, self.device
+        every, log_every = config["checkpoint_every_steps"], config["log_every_steps"]
+        for epoch in range(self.state.epoch, config["epochs"]):
+            started = time.perf_counter()
+            resumed = self.state if self.state.epoch == epoch else RunState(epoch)
+            step, steps = resumed.step, self.steps_per_epoch(epoch)
+            self.ddp_model.train()
+            # this rank's share of the sums; a resumed epoch's earlier sums (all ranks') start on rank 0
+            sums = {k: torch.tensor(v if self.rank == 0 else 0.0, dtype=torch.float64, device=device)
+                    for k, v in resumed.sums.items()}
+            rows_seen = torch.tensor(resumed.rows_seen if self.rank == 0 else 0.0, dtype=torch.float64, device=device)
+            earlier_unreadable = resumed.unreadable if self.rank == 0 else 0
+            stream = self.streams["train"]
+            batches, micro = stream.steps(epoch), 0
+            for batch in stream.epoch(epoch, start_batch=step * self.accumulation):
+                ends_step = micro == self.accumulation - 1 or step * self.accumulation + micro + 1 == batches
+                weight = batch.weight.to(device, non_blocking=True)
+                total, terms = self._forward(batch, weight, sync=ends_step)
+                n = weight.sum().double()
+                rows_seen += n
+                for name, value in {"loss": total.detach(), **terms}.items():
+                    sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value.double() * n
+                micro += 1
+                if ends_step:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    step, micro = step + 1, 0
+                    if log_every and step % log_every == 0 and self.rank == 0:
+                        print(f"[train_student] epoch {epoch} step {step}/{steps}: loss "
+                              f"{float(sums['loss'] / rows_seen.clamp(min=1)):.4f}", flush=True)
+                    if every and step % every == 0 and step < steps:
+                        self.save(RunState(epoch, step, *self._totals(sums, rows_seen, earlier_unreadable)))
+            self.scheduler.step()
+            totals, seen, unreadable = self._totals(sums, rows_seen, earlier_unreadable)
+            self._check_unreadable(epoch, unreadable)
+            metrics = {name: value / max(seen, 1.0) for name, value in totals.items()}
+            metrics.update({"epoch": epoch, "train_rows_seen": int(seen), "unreadable_rows": unreadable,
+                            "lr": self.optimizer.param_groups[0]["lr"], "steps": steps,
+                            "global_batch_size": config["global_batch_size"], "world_sizes": list(self.world_sizes),
+                            **{f"val_{k}": v for k, v in validate(self.ddp_model, self.streams["test"], label,
+                                                                     device).items()},
+                            "epoch_seconds": time.perf_counter() - started})
+            self.history.append(metrics)
+            self.state = RunState(epoch + 1)
+            self.save(self.state, metrics)
+
+    def _forward(self, batch, weight: torch.Tensor, sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward of one micro-batch; gradients all-reduce only on the step's last."""
+        device, label = self.device, self.spec.label
+        images = batch.images.to(device, non_blocking=True)
+        no_sync = self.ddp_model.no_sync() if self.world_size > 1 and not sync else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+                f_s, logits = self.ddp_model(images)
+            f_s, logits = f_s.float(), logits.float()
             outputs = StudentOutputs(logits[:, 0] if label == "binary" else prediction(label, logits), f_s)
-            targets = Targets(batch.gt.to(device), batch.teacher_prediction.to(device),
-                              batch.teacher_feature.to(device))
-            total, terms = student_loss(loss_spec, outputs, targets, weight)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            n = float(weight.sum())
-            rows_seen += n
-            for name, value in {"loss": total.detach(), **terms}.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * n
-        scheduler.step()
-        rows_seen = _sum(rows_seen, device)
-        unreadable = int(_sum(float(streams["train"].unreadable.count), device))
-        if unreadable > max_unreadable * len(streams["train"].data):
-            example = streams["train"].unreadable.example or "(on another worker)"
+            targets = Targets(batch.gt.to(device, non_blocking=True), batch.teacher_prediction.to(device, non_blocking=True),
+                              batch.teacher_feature.to(device, non_blocking=True))
+            total, terms = student_loss(self.loss_spec, outputs, targets, weight)
+            (total / self.accumulation).backward()
+        return total, terms
+
+    def _totals(self, sums: dict[str, torch.Tensor], rows_seen: torch.Tensor,
+                earlier_unreadable: int) -> tuple[dict[str, float], float, int]:
+        """The epoch's sums so far over all ranks (one host sync)."""
+        names = sorted(sums)
+        local = torch.stack([sums[n] for n in names] + [rows_seen, torch.tensor(
+            float(self.streams["train"].unreadable.count + earlier_unreadable), dtype=torch.float64, device=self.device)])
+        if _distributed():
+            torch.distributed.all_reduce(local)
+        values = local.cpu().tolist()
+        return dict(zip(names, values[:-2])), values[-2], int(values[-1])
+
+    def _check_unreadable(self, epoch: int, unreadable: int) -> None:
+        stream, limit = self.streams["train"], self.config["max_unreadable_fraction"]
+        if unreadable > limit * len(stream.data):
+            example = stream.unreadable.example or "(on another worker)"
             raise UnreadableImages(
-                f"{unreadable} of {len(streams['train'].data)} train images could not be used in epoch {epoch} "
-                f"(more than max_unreadable_fraction={max_unreadable}); e.g. {example}. Point dataset.path at "
+                f"{unreadable} of {len(stream.data)} train images could not be used in epoch {epoch} "
+                f"(more than max_unreadable_fraction={limit}); e.g. {example}. Point dataset.path at "
                 "where the images are now, or re-extract if they changed")
-        metrics = {name: _sum(value, device) / max(rows_seen, 1.0) for name, value in sums.items()}
-        metrics.update({"epoch": epoch, "train_rows_seen": int(rows_seen), "unreadable_rows": unreadable,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        **{f"val_{k}": v for k, v in validate(ddp_model, streams["test"], label, device).items()},
-                        "epoch_seconds": time.perf_counter() - started})
-        history.append(metrics)
+
+    # -- save ------------------------------------------------------------------------------------
+
+    def save(self, state: RunState, metrics: dict | None = None) -> None:
+        """Report to Ray Train, with a checkpoint from rank 0: at an epoch's end (``state.step``
+        0 of the next epoch) or after ``state.step`` optimizer steps of ``state.epoch``."""
+        import ray.train
+
+        epoch, step = (state.epoch - 1, None) if state.step == 0 else (state.epoch, state.step)
         with tempfile.TemporaryDirectory() as directory:
             checkpoint = None
-            if rank == 0:
-                save_student(directory, model, spec, extra={"epoch": epoch, "knowledge_entry": config["knowledge_entry"],
-                                                            "loss": config["loss"]})
-                save_trainer_state(directory, optimizer, scheduler, epoch)
+            if self.rank == 0:
+                save_student(directory, self.model, self.spec, extra={
+                    "epoch": state.epoch, "step": state.step, "knowledge_entry": self.config["knowledge_entry"],
+                    "loss": self.config["loss"], "global_batch_size": self.config["global_batch_size"]})
+                save_trainer_state(directory, self.optimizer, self.scheduler, state, self.world_sizes)
                 with open(os.path.join(directory, HISTORY_FILE), "w") as f:
-                    json.dump(history, f)
+                    json.dump(self.history, f)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(metrics or {"epoch": epoch, "step": step}, checkpoint=checkpoint)
 
 
 @torch.inference_mode()
@@ -220,7 +359,8 @@ def validate(model, stream: StudentStream, label: str, device: torch.device) -> 
     rows, preds, gts = [], [], []
     for batch in stream.epoch(0):
         keep = batch.weight.numpy() > 0
-        _, logits = model(batch.images.to(device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            _, logits = model(batch.images.to(device, non_blocking=True))
         pred = prediction(label, logits).float().cpu().numpy()
         rows.append(batch.rows[keep])
         preds.append(pred[keep])

@@ -148,6 +148,11 @@ def stage_configs(cfg: PipelineConfig) -> tuple[ExtractConfig, DistillConfig]:
     return ex, di
 
 
+#: Training keys that do not change what a student run computes, so not part of its name.
+NOT_IDENTITY = ("ray_address", "num_cpus", "storage_path", "max_failures", "store", "checkpoint_every_steps",
+                "log_every_steps")
+
+
 def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | None = None) -> list[Experiment]:
     """Students × losses × seeds on one split's knowledge, each named ``<loss>-<backbone>-s<seed>-<hash>``:
     the hash covers the knowledge entry (and so the split) and every training key, so equal names
@@ -163,8 +168,7 @@ def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | Non
                 tree = {**cfg.train, "store": cfg.store, "knowledge_entry": knowledge_entry,
                         "student": as_dict(student), "loss": as_dict(loss), "seed": seed,
                         "ray_address": cfg.ray_address, "num_cpus": cfg.num_cpus}
-                identity = {k: v for k, v in tree.items() if k not in ("ray_address", "num_cpus", "storage_path",
-                                                                        "max_failures", "store")}
+                identity = {k: v for k, v in tree.items() if k not in NOT_IDENTITY}
                 digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
                 name = f"{loss.kind}-{student.backbone}-s{seed}-{digest}".replace("/", "_")
                 config = from_dict(TrainConfig, {**tree, "name": name}, prefix="train.")
@@ -470,7 +474,7 @@ def report_input(cfg: PipelineConfig, dataset: DatasetTable, extracted: ExtractR
             "store": cfg.store,
             "GSF entry": f"{extracted.entry} ({'reused, 0 forward passes' if extracted.reused else 'computed'})",
             "knowledge entry": f"{distilled.entry} ({'reused, no refit' if distilled.reused else 'fitted'})",
-            "students": f"{train_cfg.epochs} epochs, batch {train_cfg.batch_size} per worker, "
+            "students": f"{train_cfg.epochs} epochs, global batch {train_cfg.global_batch_size}, "
                         f"{train_cfg.num_workers} workers, Adam {train_cfg.lr:g} ÷10 every {train_cfg.lr_step_epochs} epochs",
             "seeds": ", ".join(map(str, cfg.seeds)),
             "splits": ", ".join(cfg.split_list),

@@ -16,14 +16,21 @@ from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
 
+import numpy as np
+
+from featurestore.pixels import pixels_key
 from featurestore.store import FeatureStore
 from featurestore.views import put_table
 from ray_jobs.config import ConfigError, as_dict, find_user_error, option
 from ray_jobs.stages.dataset_input import DatasetConfig, knowledge_table
 from ray_jobs.runtime import cluster_gpus, init_ray, is_local, log
+from trainers.knowledge import knowledge_hashes
 from trainers.labels import check_loss
 from trainers.losses import KINDS, LossSpec
 from trainers.student import StudentSpec
+from trainers.student_data import split_rows
+from trainers.student_views import StoredViews, ensure_views, pixel_view
+from trainers.train_loop import BatchPlanError, batch_plan
 from trainers.weights import check_local_file
 
 # Ray Train V2 (elastic scaling, the controller's failure handling) is chosen when ray.train is
@@ -31,6 +38,7 @@ from trainers.weights import check_local_file
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 JOB = "train_student"
+IMAGE_SOURCES = ("stored", "decode")
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,15 @@ class TrainConfig:
     num_workers: int | tuple[int, ...] = option(2, help="DDP workers: a count, or [min, max] for an elastic run")
     cpus_per_worker: float = option(1.0, help="CPUs reserved per worker")
     epochs: int = option(12, help="paper: 12")
-    batch_size: int = option(16, help="per worker; paper: 16")
+    global_batch_size: int = option(16, help="rows per optimizer step over all workers (paper: 16); each worker "
+                                             "takes global_batch_size / world size")
+    micro_batch_size: int | None = option(None, help="most rows one worker forwards at once; fewer than its share "
+                                                     "of the global batch means gradient accumulation")
+    images: str = option("stored", help="stored: the student views decoded once into the store and reused | "
+                                        "decode: read and decode every image every epoch")
+    window_blocks: int = option(8, help="shuffle window: stored shards whose rows are mixed into batches")
+    checkpoint_every_steps: int = option(0, help="also checkpoint every this many optimizer steps (0: per epoch only)")
+    log_every_steps: int = option(50, help="print the running loss every this many steps (the only host sync)")
     lr: float = option(3e-5, help="Adam; paper: 3e-5")
     lr_step_epochs: int = option(3, help="lr ÷ 10 every this many epochs; paper: 3")
     seed: int = option(0, help="initialisation and data order")
@@ -98,6 +114,20 @@ class TrainConfig:
             raise ConfigError("max_unreadable_fraction must be between 0 and 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r} must be auto, cpu or cuda")
+        if self.images not in IMAGE_SOURCES:
+            raise ConfigError(f"images {self.images!r} must be one of {', '.join(IMAGE_SOURCES)}")
+        for name in ("global_batch_size", "window_blocks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError("micro_batch_size must be ≥ 1 (or unset)")
+        if self.checkpoint_every_steps < 0 or self.log_every_steps < 0:
+            raise ConfigError("checkpoint_every_steps and log_every_steps must be ≥ 0")
+        try:
+            for world_size in workers:
+                batch_plan(self.global_batch_size, world_size, self.micro_batch_size)
+        except BatchPlanError as exc:
+            raise ConfigError(f"num_workers={self.num_workers!r}: {exc}") from None
 
 
 def storage_uri(path: str) -> str:
@@ -108,7 +138,10 @@ def storage_uri(path: str) -> str:
 class TrainResult:
     """A finished student run: its ``checkpoint`` URI, ``metrics`` on the test split after the last
     epoch (srcc, plcc, acc, emd, n), ``history`` (every epoch's metrics), ``epochs`` trained in
-    all, ``train_rows`` rows seen in the last epoch and ``unreadable_rows`` of them skipped."""
+    all, ``train_rows`` rows seen in the last epoch and ``unreadable_rows`` of them skipped,
+    ``global_batch_size``, the ``world_sizes`` the run used, optimizer ``steps`` per epoch, and
+    the stored views it read (``views``: table key and images decoded by this run; None with
+    ``images: decode``)."""
 
     checkpoint: str | None
     metrics: dict[str, Any]
@@ -119,6 +152,10 @@ class TrainResult:
     knowledge_entry: str
     loss: str
     student: dict[str, Any]
+    global_batch_size: int
+    world_sizes: list[int]
+    steps: list[int]
+    views: dict[str, Any] | None
     seconds: float
 
 
@@ -149,10 +186,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     log(JOB, f"student {student.backbone} ({student.view}) with loss {cfg.loss.kind} on {workers} "
              f"{'GPU' if use_gpu else 'CPU'} worker(s); knowledge {cfg.knowledge_entry}")
     table = knowledge_table(cfg.dataset, store, knowledge)
+    views = prepare_views(store.url, table, knowledge, student, use_gpu) if cfg.images == "stored" else None
     loop_config = {"store": store.url, "knowledge_entry": cfg.knowledge_entry, "student": student.to_json(),
                    "dataset_table": put_table(store, table), "max_unreadable_fraction": cfg.max_unreadable_fraction,
-                   "loss": as_dict(cfg.loss), "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                   "lr_step_epochs": cfg.lr_step_epochs, "seed": cfg.seed}
+                   "loss": as_dict(cfg.loss), "epochs": cfg.epochs, "global_batch_size": cfg.global_batch_size,
+                   "micro_batch_size": cfg.micro_batch_size, "lr": cfg.lr, "lr_step_epochs": cfg.lr_step_epochs,
+                   "seed": cfg.seed, "images": cfg.images, "view": views.view.to_json() if views else None,
+                   "window_blocks": cfg.window_blocks, "checkpoint_every_steps": cfg.checkpoint_every_steps,
+                   "log_every_steps": cfg.log_every_steps}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -183,5 +224,24 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(checkpoint=checkpoint, metrics=test, history=history, epochs=metrics.get("epoch", -1) + 1,
                        train_rows=metrics.get("train_rows_seen"), unreadable_rows=metrics.get("unreadable_rows"),
                        knowledge_entry=cfg.knowledge_entry, loss=cfg.loss.kind, student=student.to_json(),
+                       global_batch_size=cfg.global_batch_size,
+                       world_sizes=history[-1]["world_sizes"] if history else [],
+                       steps=[h["steps"] for h in history],
+                       views={"table": pixels_key(views.view), "decoded": views.decoded} if views else None,
                        seconds=round(time.perf_counter() - started, 3))
+
+
+def prepare_views(store_url: str, table, knowledge, student: StudentSpec, use_gpu: bool) -> StoredViews:
+    """Decode the student views that the run's train and test images lack into the store, train
+    split first: each split's images then sit in shards of their own, so validating reads only
+    test images."""
+    hashes = knowledge_hashes(knowledge)
+    view, decoded = pixel_view(student.view, use_gpu), 0
+    for split in ("train", "test"):
+        rows = split_rows(table, hashes, split, student.label)
+        distinct, first = np.unique(rows.sha256, return_index=True)
+        views = ensure_views(store_url, view, distinct, [rows.uris[i] for i in first], log=lambda line: log(JOB, line))
+        decoded += views.decoded
+    log(JOB, f"student views {pixels_key(view)}: {decoded} images decoded by this run, {len(views.index)} stored")
+    return dataclasses.replace(views, decoded=decoded)
 
