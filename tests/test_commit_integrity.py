@@ -1,5 +1,6 @@
-"""Commit integrity: every committed shard has its objects (even all-fill ones), and once a shard's
-commit record exists its bytes never change, whatever racing or stale write attempts do.
+"""Commit integrity: every committed shard has its objects (even all-fill ones), once a shard's
+commit record exists its bytes never change, whatever racing or stale write attempts do, and
+finalize checks every commit record it sums (read in parallel, for entries of many shards).
 
 Every ``store_url`` test runs against a local directory and the moto S3 endpoint.
 """
@@ -8,18 +9,22 @@ from __future__ import annotations
 
 import random
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import obstore
 import pytest
 import zarr
 from entry_data import failures_for, make_layout, make_rows, make_spec
 
 from featurestore.catalog import verify
 from featurestore.layout import (STATUS_ARRAY, STATUS_FAILED, STATUS_OK, attempts_prefix, claim_path,
-                                 shard_object_path)
+                                 commit_path, shard_object_path)
 from featurestore.shardcodec import ShardDecoder
 from featurestore.store import FeatureStore
-from featurestore.writer import ShardCommit, block_checksum
+from featurestore.writer import (COMMIT_READ_THREADS, CorruptCommit, IncompleteEntry, ShardCommit,
+                                 block_checksum)
 
 ROUNDS = 20
 
@@ -310,3 +315,81 @@ def test_attempt_killed_before_its_claim_leaves_only_staging_that_commit_removes
     write(resumed, attempts["b"][0], 1, attempts["b"][1])
     resumed.finalize()
     assert set(assert_committed_is_one_attempt(store, dead.key, layout, attempts).values()) == {"b"}
+
+
+# -- finalize at scale: commit records read in parallel, still checked ---------------------------
+
+def test_finalize_of_many_shards_reads_commit_records_in_parallel_and_bounded(s3_store_url, monkeypatch):
+    """An entry of 80 one-chunk shards on S3: finalize's manifest sums every commit record in
+    shard order, and the records are read concurrently, never more than COMMIT_READ_THREADS."""
+    shards = 80
+    layout = make_layout(shards * 8, shard_rows=8, chunk_rows=8)
+    data = make_rows(layout.rows)
+    failures = failures_for(0, layout.rows)
+    writer = FeatureStore(s3_store_url).create(make_spec("many-shards"), layout)
+    with ThreadPoolExecutor(8) as pool:  # disjoint shards: one writer each
+        commits = list(pool.map(lambda s: write(writer, data, s, failures), range(shards)))
+    backend = writer.backend
+    real_read = backend.read_json
+    lock, state = threading.Lock(), {"now": 0, "peak": 0, "commit_reads": 0}
+
+    def read_json(path):
+        if "/_commits/" not in path:
+            return real_read(path)
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            state["commit_reads"] += 1
+        try:
+            time.sleep(0.005)  # an S3 round trip's worth, so overlapping reads overlap visibly
+            return real_read(path)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(backend, "read_json", read_json)
+    manifest = writer.finalize()
+    assert state["commit_reads"] == shards
+    assert 1 < state["peak"] <= COMMIT_READ_THREADS
+    assert manifest["num_shards"] == shards
+    assert (manifest["ok"], manifest["failed"]) == (layout.rows - len(failures), len(failures))
+    assert manifest["checksums"] == [dict(c.checksums) for c in commits]
+    assert manifest["stored_bytes"] == sum(sum(c.stored_bytes.values()) for c in commits)
+    assert verify(FeatureStore(s3_store_url), writer.key).ok
+
+
+def committed_entry(url: str, tag: str):
+    layout = make_layout(96)
+    writer = FeatureStore(url).create(make_spec(tag), layout)
+    data = make_rows(96)
+    for shard in range(layout.num_shards):
+        write(writer, data, shard, failures_for(0, 96))
+    return writer
+
+
+@pytest.mark.parametrize("record", [b"{not json", b"\xff\xfe\x00", b"[1, 2]", b'{"shard": 1}'])
+def test_finalize_refuses_a_malformed_commit_record(store_url, record):
+    writer = committed_entry(store_url, "malformed-commit")
+    writer.backend.write_bytes(commit_path(writer.key, 1), record)
+    with pytest.raises(CorruptCommit, match=f"shard 1: its commit record {commit_path(writer.key, 1)} is malformed"):
+        writer.finalize()
+    assert not writer.is_complete()
+
+
+def test_finalize_refuses_a_commit_record_of_other_rows(store_url):
+    writer = committed_entry(store_url, "moved-commit")
+    writer.backend.write_bytes(commit_path(writer.key, 2), writer.backend.read_bytes(commit_path(writer.key, 0)))
+    with pytest.raises(CorruptCommit, match="shard 2: .* is for shard 0 rows 0..32, the layout says rows"):
+        writer.finalize()
+    assert not writer.is_complete()
+
+
+def test_finalize_refuses_a_commit_record_deleted_after_the_listing(store_url, monkeypatch):
+    writer = committed_entry(store_url, "vanished-commit")
+    assert writer.missing_shards() == []
+    monkeypatch.setattr(writer, "missing_shards", lambda: [])  # the listing ran before the delete
+    obstore.delete(writer.backend.objects, commit_path(writer.key, 2))
+    with pytest.raises(IncompleteEntry) as exc:
+        writer.finalize()
+    assert exc.value.missing == [2]
+    assert not writer.is_complete()

@@ -5,9 +5,13 @@ computes every row of it and writes it whole, so the store's one-writer-per-shar
 a crashed job resumes at shard granularity.
 
 The teacher sees each image at full resolution. Images of identical size are batched together
-(up to ``batch_size`` images and ``batch_pixels`` pixels); every other image runs as a batch of
-one, so no padding ever leaks into the pooled features. Grouping depends only on the shard's
-contents, so recomputing a shard reproduces it bit for bit on the same hardware.
+(up to ``batch_size`` images and ``batch_pixels`` pixels); nothing is ever padded, so no padding
+leaks into the pooled features. A size group of a shard that does not fill its last batch is
+topped up with images of the same size from the next shard of the same call (``shard_batches``),
+so sizes batch across the pending work while the unit of commit stays a whole shard. Grouping
+depends only on the call's shards, in order; on the CPU at photo sizes a row's bytes do not
+depend on its batch companions (tests/test_extract_speed_paths.py), elsewhere they may differ by
+a few float16 ulps, as any two attempts at a shard on a GPU may.
 
 Every row ends up either ok or failed with a reason that belongs to the image (missing file,
 changed bytes, undecodable, forward error, non-finite features); the job never stops for one bad
@@ -15,12 +19,11 @@ image. An I/O error that is not "the object is gone" fails the shard instead, so
 fault is retried and never becomes a permanent failed row.
 
 ``run_all`` pipelines the shards of one call so the backbones do not wait on I/O: while shard
-*i* is forwarded, a loader thread reads, hash-checks and decodes shard *i + 1* (one shard ahead,
-so memory holds at most two shards of images) and a writer thread commits shard *i − 1* (one
-write pending). Each stage does its own work in the sequential order, so rows, batches and bytes
-are those of one-shard-at-a-time. A shard whose read or write fails stays uncommitted while the
-others of the call go on; the call then raises, and no result is returned before every shard's
-commit has returned.
+*i* is forwarded, a loader thread reads, hash-checks and decodes shards *i + 1* and *i + 2* (two
+ahead, because shard *i + 1* must be decoded before shard *i*'s topped-up batches run; memory holds
+at most three shards of images) and a writer thread commits shard *i − 1* (one write pending). A
+shard whose read or write fails stays uncommitted while the others of the call go on; the call
+then raises, and no result is returned before every shard's commit has returned.
 """
 
 from __future__ import annotations
@@ -76,16 +79,50 @@ def input_policy(max_pixels: int) -> str:
     return f"full-resolution;max-pixels={max_pixels}"
 
 
+def batch_capacity(size: tuple[int, int], batch_size: int, batch_pixels: int) -> int:
+    """Images of ``size`` (H, W) in one batch: ``batch_size``, fewer if they exceed ``batch_pixels``."""
+    return max(1, min(batch_size, batch_pixels // max(size[0] * size[1], 1)))
+
+
 def size_batches(sizes: dict[int, tuple[int, int]], batch_size: int, batch_pixels: int) -> list[list[int]]:
     """Rows grouped by identical (H, W), in a deterministic order, split by count and pixel budget."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for row in sorted(sizes):
         groups[sizes[row]].append(row)
     batches = []
-    for (h, w), rows in sorted(groups.items()):
-        per_batch = max(1, min(batch_size, batch_pixels // max(h * w, 1)))
+    for size, rows in sorted(groups.items()):
+        per_batch = batch_capacity(size, batch_size, batch_pixels)
         batches += [rows[i:i + per_batch] for i in range(0, len(rows), per_batch)]
     return batches
+
+
+@dataclass(frozen=True)
+class ShardBatches:
+    """A shard's forward batches: ``full`` ones need only the shard itself, so they run while the
+    next shard is still loading; ``topped_up`` are its partial batches, each filled up with rows
+    of the same size from the next shard (those rows are then done when that shard comes)."""
+
+    full: tuple[tuple[int, ...], ...]
+    topped_up: tuple[tuple[int, ...], ...]
+
+
+def shard_batches(sizes: dict[int, tuple[int, int]], next_sizes: dict[int, tuple[int, int]], batch_size: int,
+                  batch_pixels: int) -> ShardBatches:
+    """Batches for a shard's rows ``sizes`` (row → (H, W)), borrowing rows of ``next_sizes`` (the
+    next shard's rows not yet forwarded) to fill its partial batches, lowest rows first."""
+    spare: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for row in sorted(next_sizes):
+        spare[next_sizes[row]].append(row)
+    full, topped_up = [], []
+    for batch in size_batches(sizes, batch_size, batch_pixels):
+        size = sizes[batch[0]]
+        room = batch_capacity(size, batch_size, batch_pixels) - len(batch)
+        if room == 0:
+            full.append(tuple(batch))
+        else:
+            borrowed, spare[size] = spare[size][:room], spare[size][room:]
+            topped_up.append((*batch, *borrowed))
+    return ShardBatches(tuple(full), tuple(topped_up))
 
 
 class ShardExtractor:
@@ -107,8 +144,9 @@ class ShardExtractor:
         self.forward_passes = 0
 
     def run_all(self, tasks: Sequence[ShardTask]) -> list[ShardResult]:
-        """Compute and commit ``tasks`` in order, loading the next shard and writing the previous
-        one while the current one is forwarded (see the module docstring).
+        """Compute and commit ``tasks`` in order, loading the next shards and writing the previous
+        one while the current one is forwarded, and topping up its partial batches with rows of
+        the next shard (see the module docstring).
 
         A shard whose load, compute or write fails stays uncommitted and the others go on; then
         the first error is raised, so the call is retried and redoes exactly the uncommitted
@@ -118,26 +156,58 @@ class ShardExtractor:
         """
         results: list[ShardResult | None] = [None] * len(tasks)
         errors: list[Exception] = []
+        loads: dict[int, Future] = {}  # task index → its load, submitted in order to one thread
         # Leaving the executors waits for their work: a pending write always finishes.
         with ThreadPoolExecutor(1, thread_name_prefix="shard-load") as loader, \
                 ThreadPoolExecutor(1, thread_name_prefix="shard-write") as writer:
-            upcoming = loader.submit(self._load, tasks[0]) if tasks else None
+
+            def load_ahead(index: int) -> None:
+                if index < len(tasks) and index not in loads:
+                    loads[index] = loader.submit(self._load, tasks[index])
+
+            def loaded(index: int) -> tuple[dict[int, torch.Tensor], dict[int, str]] | None:
+                """The shard's images and failures; None if committed already, failed to load or
+                past the end (a failed load is recorded when its own turn comes)."""
+                if index >= len(tasks) or loads[index].exception() is not None:
+                    return None
+                return loads[index].result()
+
+            load_ahead(0)
+            early: dict[int, np.ndarray] = {}  # rows of the current shard forwarded with the previous one
+            early_failures: dict[int, str] = {}
             pending: tuple[int, Future] | None = None  # the one write in flight, by task index
             mark = time.perf_counter()
             for i, task in enumerate(tasks):
+                load_ahead(i + 1)
+                load_ahead(i + 2)
                 try:
-                    loaded = upcoming.result()
+                    shard = loads.pop(i).result()
                 except Exception as exc:  # noqa: BLE001 - this shard stays uncommitted; the others go on
                     errors.append(exc)
                     continue
-                finally:
-                    upcoming = loader.submit(self._load, tasks[i + 1]) if i + 1 < len(tasks) else None
-                if loaded is None:  # an earlier attempt committed it
+                if shard is None:  # an earlier attempt committed it
                     results[i] = ShardResult(task.shard, len(task.uris), 0, 0, 0, 0.0)
                     continue
-                images, failures = loaded
+                images, failures = shard
+                failures = {**failures, **early_failures}
+                features, early, early_failures = early, {}, {}
                 forwards_before = self.forward_passes
-                arrays = self._compute(task, images, failures)
+                own = {r: _size(img) for r, img in images.items() if r not in features and r not in failures}
+                # full batches need only this shard: they run while the next one may still load
+                alone = shard_batches(own, {}, self.batch_size, self.batch_pixels)
+                features.update(self._forward(alone.full, images, failures))
+                if alone.topped_up:  # partial batches: top them up from the next shard
+                    nxt = loaded(i + 1)  # normally decoded already, during the previous shard
+                    companions = {} if nxt is None else nxt[0]
+                    topped_up = shard_batches(own, {r: _size(img) for r, img in companions.items()},
+                                              self.batch_size, self.batch_pixels).topped_up
+                    next_failures: dict[int, str] = {}
+                    out = self._forward(topped_up, {**images, **companions}, next_failures)
+                    for row, vector in out.items():
+                        (features if row in images else early)[row] = vector
+                    for row, reason in next_failures.items():
+                        (failures if row in images else early_failures)[row] = reason
+                arrays = self._arrays(task, features)
                 if pending is not None:
                     self._commit(results, *pending, errors)
                 pending = (i, writer.submit(self.writer.write_shard, task.shard, arrays, failures=failures))
@@ -179,11 +249,10 @@ class ShardExtractor:
                 images[row] = decoded.image
         return images, failures
 
-    def _compute(self, task: ShardTask, images: dict[int, torch.Tensor],
-                 failures: dict[int, str]) -> dict[str, np.ndarray]:
-        """The shard's arrays as the store takes them; forward failures are added to ``failures``."""
+    def _arrays(self, task: ShardTask, vectors: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+        """The shard's arrays as the store takes them: features by row, zeros where none."""
         features = np.zeros((len(task.uris), self.extractor.width), np.float16)
-        for row, vector in self._forward(images, failures).items():
+        for row, vector in vectors.items():
             features[row - task.start] = vector
         hashes = np.frombuffer(bytes.fromhex("".join(task.sha256)), np.uint8).reshape(-1, 32)
         return {GSF_ARRAY: features, HASH_ARRAY: hashes}
@@ -214,10 +283,12 @@ class ShardExtractor:
                     failures[task.start + i] = reason
         return out
 
-    def _forward(self, images: dict[int, torch.Tensor], failures: dict[int, str]) -> dict[int, np.ndarray]:
-        sizes = {row: (int(img.shape[0]), int(img.shape[1])) for row, img in images.items()}
+    def _forward(self, batches: Sequence[Sequence[int]], images: dict[int, torch.Tensor],
+                 failures: dict[int, str]) -> dict[int, np.ndarray]:
+        """Features by row for ``batches`` (rows of ``images``); rows that fail go to ``failures``."""
         out: dict[int, np.ndarray] = {}
-        for batch in size_batches(sizes, self.batch_size, self.batch_pixels):
+        for batch in batches:
+            batch = list(batch)
             try:
                 out.update(self._forward_batch(batch, images))
             except RuntimeError as exc:  # e.g. out of memory: retry one by one to isolate the culprit
@@ -239,6 +310,10 @@ class ShardExtractor:
         self.forward_passes += 1
         feats = self.extractor(batch).float().cpu().numpy().astype(np.float16)
         return dict(zip(rows, feats))
+
+
+def _size(image: torch.Tensor) -> tuple[int, int]:
+    return int(image.shape[0]), int(image.shape[1])  # HWC
 
 
 class ShardActor:
