@@ -13,7 +13,7 @@ same training steps (forward, KD loss, backward, Adam) are timed fed by:
   the next window loading in the background;
 * ``s3``: the same stream over S3 through the proxy.
 
-Best of two rounds each, interleaved. Last stdout line (JSON):
+Best of three rounds each, interleaved, the order rotated every round. Last stdout line (JSON):
 
 * ``memory_img_s``, ``loader_img_s_local``, ``loader_img_s_s3``: training images/s fed each way;
 * ``loader_vs_memory_local`` (goal ≥ 0.9) and ``loader_vs_memory_s3`` (goal ≥ 0.8);
@@ -143,16 +143,19 @@ def main() -> None:
             model = build_student(spec).train()
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
             loss = LossSpec("kd")
-            first = next(iter(streams["local"].epoch(0)))
+            epoch0 = streams["local"].epoch(0)
+            first = next(epoch0)
+            epoch0.close()  # stops its loader thread: nothing else may run while steps are timed
             memory = [StudentBatch(first.rows, torch.randint(0, 256, first.images.shape, dtype=torch.uint8),
                                    first.weight, first.gt, first.teacher_feature, first.teacher_prediction)
                       for _ in range(streams["local"].steps(1))]
             train_steps(model, optimizer, memory[:2], loss)  # warm-up
             rate, stall = {}, {}
-            for round_ in range(2):  # interleaved, best of two
+            for round_ in range(3):  # interleaved, in a rotated order each round; best of three
                 feeds = {"memory": lambda: memory, "local": lambda: streams["local"].epoch(1 + round_),
                          "s3": lambda: streams["s3"].epoch(1 + round_)}
-                for name, batches in feeds.items():
+                names = list(feeds)[round_:] + list(feeds)[:round_]
+                for name, batches in ((n, feeds[n]) for n in names):
                     images, seconds, waited = train_steps(model, optimizer, batches(), loss)
                     if images / seconds > rate.get(name, 0.0):
                         rate[name], stall[name] = images / seconds, waited / seconds

@@ -10,6 +10,7 @@ import numpy as np
 import obstore
 
 from .features import SEGMENT_KIND, unregister_segment
+from .pixels import PIXELS_KIND
 from .layout import (STATUS_ARRAY, STATUS_FAILED, STATUS_OK, commit_path, entry_path, manifest_path,
                      shard_object_path)
 from .reader import EntryReader
@@ -183,7 +184,7 @@ def run_gc(store: FeatureStore, actions: list[GcAction]) -> int:
     removed = 0
     for action in actions:
         reader = store.open(action.key, require_complete=False)
-        if reader.spec.kind == SEGMENT_KIND:  # out of its feature table first: no extraction reuses it
+        if reader.spec.kind in (SEGMENT_KIND, PIXELS_KIND):  # out of its table first: no run reuses it
             unregister_segment(store, reader)
         if store.backend.exists(manifest_path(action.key)):
             obstore.delete(store.backend.objects, manifest_path(action.key))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -141,7 +142,7 @@ class ShuffledEpoch:
 
 
 def plan_shuffled(block_of: np.ndarray, world: World, seed: int, epoch: int, window_blocks: int,
-                  drop_last: bool = False) -> ShuffledEpoch:
+                  drop_last: bool = False, shares: Sequence[int] | None = None) -> ShuffledEpoch:
     """Shuffle-buffered epoch over ``len(block_of)`` positions, each stored in block ``block_of[i]``
     (e.g. the shard holding it): a pure function of its arguments.
 
@@ -149,6 +150,8 @@ def plan_shuffled(block_of: np.ndarray, world: World, seed: int, epoch: int, win
        ``(seed, epoch)``, the same on every rank.
     2. Ranks take equal, contiguous pieces of that sequence, padded as in :func:`plan_epoch`
        (``pad=True`` rows repeat real ones and carry weight 0); ``drop_last`` drops instead.
+       With ``shares`` rank r takes ``shares[r]`` rows instead (their sum ≥ the rows; a global
+       batch that the world size does not divide gives ranks unequal quotas per step).
     3. A rank's piece is cut into windows of ``window_blocks`` consecutive blocks, and each window
        is permuted row by row, seeded by ``(seed, epoch, rank, window)``.
 
@@ -167,8 +170,12 @@ def plan_shuffled(block_of: np.ndarray, world: World, seed: int, epoch: int, win
     visit = rng.permutation(len(starts))
     sequence = np.concatenate([order[bounds[b]:bounds[b + 1]] for b in visit]) if n else np.zeros(0, np.int64)
     piece_of = np.repeat(np.arange(len(visit)), np.diff(bounds)[visit]) if n else np.zeros(0, np.int64)
-    per_rank = rows_per_rank(n, world.world_size, drop_last)
-    at = np.arange(world.rank * per_rank, (world.rank + 1) * per_rank, dtype=np.int64)
+    if shares is None:
+        shares = [rows_per_rank(n, world.world_size, drop_last)] * world.world_size
+    if len(shares) != world.world_size or (sum(shares) < n and not drop_last):
+        raise ValueError(f"shares {list(shares)} must give each of {world.world_size} ranks a count, {n} rows in all")
+    first = int(sum(shares[:world.rank]))
+    at = np.arange(first, first + int(shares[world.rank]), dtype=np.int64)
     if n == 0:
         at = at[:0]
     lap, index = (at // n, at % n) if n else (at, at)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import numpy as np
@@ -146,3 +146,27 @@ def test_shuffled_batches_differ_between_epochs_and_mix_blocks():
         batches[epoch] = [frozenset(e.positions[i:i + 16].tolist()) for i in range(0, len(e), 16)]
     assert not set(batches[0]) & set(batches[1])
     assert np.mean([len({int(p) // 64 for p in batch}) for batch in batches[0]]) > 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 40), st.integers(1, 9), st.one_of(st.none(), st.integers(1, 8)),
+       st.integers(0, 2**32 - 1))
+def test_a_global_batch_over_any_world_size_visits_every_row_once_in_equal_steps(rows, global_batch, world, micro,
+                                                                               seed):
+    """``trainers.student_data.BatchPlan`` shares with ``plan_shuffled``: every row exactly once,
+    every rank the same number of micro-batches, each step exactly the global batch."""
+    from trainers.student_data import BatchPlanError, _cuts, batch_plan
+
+    try:
+        plan = batch_plan(global_batch, world, micro)
+    except BatchPlanError:
+        assume(False)
+    blocks = _blocks(rows, 7, seed)
+    epochs = [plan_shuffled(blocks, World(r, world), seed, 1, 3, shares=plan.shares(rows)) for r in range(world)]
+    real = Counter(int(p) for e in epochs for p in e.positions[~e.pad])
+    assert sorted(real) == list(range(rows)) and set(real.values()) == {1}
+    cuts = [_cuts(len(e), plan.micro_sizes(r)) for r, e in enumerate(epochs)]
+    assert len({len(c) for c in cuts}) == 1 and len(cuts[0]) % plan.accumulation == 0
+    for step in range(len(cuts[0]) // plan.accumulation):
+        micro_batches = [c[step * plan.accumulation:(step + 1) * plan.accumulation] for c in cuts]
+        assert sum(b - a for rank in micro_batches for a, b in rank) == global_batch

@@ -105,3 +105,17 @@ def test_a_transient_outage_fails_shards_not_rows_and_a_rerun_completes(fault_pr
         finally:
             sources._bucket_store.cache_clear()
     assert views.decoded == 8 and len(views.index) == 8 and not views.failures  # nothing recorded as failed
+
+
+def test_gc_takes_a_view_segment_out_of_its_table_before_deleting_it(tmp_path):
+    from featurestore.catalog import plan_gc, run_gc
+
+    write_ava(tmp_path / "ava", good_images(4, seed=8), test_every=4)
+    hashes, uris = images_of(DatasetTable.from_manifest(load_dataset(str(tmp_path / "ava"), "ava")))
+    store_url, view = str(tmp_path / "store"), pixel_view("resize:16", use_gpu=False)
+    ensure_views(store_url, view, hashes, uris)
+    store = FeatureStore(store_url)
+    (segment,) = registered_segments(store, pixels_key(view))
+    run_gc(store, [a for a in plan_gc(store, older_than_s=0, keep=set()) if a.key == segment])
+    assert registered_segments(store, pixels_key(view)) == () and segment not in store.keys()
+    assert ensure_views(store_url, view, hashes, uris).decoded == 4  # decoded again, not served from a ghost

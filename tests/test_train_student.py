@@ -280,6 +280,12 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_next_batch_with_the_uninterrup
            "epochs=3")
     straight = train(*run, f"storage_path={tmp_path / 'runs'}", "name=straight")
     assert straight["steps"] == [3, 3, 3] and straight["global_batch_size"] == 8 and straight["world_sizes"] == [2]
+    # determinism: a second fresh run of the same config and seed (2 DDP workers, CPU) is
+    # bit-identical: every epoch's losses and metrics, and the weights
+    again = train(*run, f"storage_path={tmp_path / 'runs'}", "name=again")
+    same_epochs(again["history"], straight["history"])
+    digests = [json.loads((Path(r["checkpoint"]) / "student.json").read_text())["state_digest"] for r in (straight, again)]
+    assert digests[0] == digests[1]
     s3 = boto3.client("s3")
 
     def mid_epoch() -> list | None:
@@ -296,14 +302,19 @@ def test_a_worker_killed_mid_epoch_resumes_at_the_next_batch_with_the_uninterrup
     assert killed["metrics"] == straight["metrics"]
 
 
-def test_batch_plan_splits_the_global_batch_and_refuses_uneven_worlds():
-    from trainers.train_loop import BatchPlanError, batch_plan
+def test_batch_plan_splits_the_global_batch_over_any_world_size():
+    from trainers.student_data import BatchPlanError, batch_plan
 
-    assert batch_plan(16, 1, None) == (16, 1)
-    assert batch_plan(16, 2, None) == (8, 1)
-    assert batch_plan(16, 8, None) == (2, 1)
-    assert batch_plan(16, 1, 4) == (4, 4)
-    assert batch_plan(16, 2, 3) == (2, 4)  # 8 per worker, at most 3 at once: 4 micro-batches of 2
-    assert batch_plan(12, 1, 5) == (4, 3)
-    with pytest.raises(BatchPlanError, match=r"global_batch_size=16 cannot be split evenly over 3 workers.*\[1, 2, 4, 8, 16\]"):
-        batch_plan(16, 3, None)
+    assert batch_plan(16, 1, None).micro_sizes(0) == (16,)
+    assert batch_plan(16, 2, None).micro_sizes(1) == (8,)
+    assert batch_plan(16, 1, 4).micro_sizes(0) == (4, 4, 4, 4)
+    assert batch_plan(16, 2, 3).micro_sizes(0) == (3, 3, 2)  # 8 per worker, at most 3 at once
+    plan = batch_plan(16, 3, None)  # an elastic resize to 3 workers keeps 16 rows a step
+    assert plan.quotas == (6, 5, 5) and plan.accumulation == 1
+    # DDP averages the ranks: the scaled means weigh each rank by its share of the global batch
+    assert sum(plan.loss_scale(q) for q in plan.quotas) / plan.world_size == pytest.approx(1.0)
+    assert plan.shares(100) == [42, 35, 35]  # 7 steps: every rank the same number
+    with pytest.raises(BatchPlanError, match=r"global_batch_size=4 is smaller than the 8 workers"):
+        batch_plan(4, 8, None)
+    with pytest.raises(BatchPlanError, match="empty"):
+        batch_plan(5, 2, 1)  # quotas 3 and 2 in micro-batches of 1: three micro-batches, one empty

@@ -42,6 +42,7 @@ import torch
 
 from featurestore import sources
 from featurestore.dataset_table import DatasetTable
+from featurestore.errors import UserError
 from featurestore.partition import ShuffledEpoch, World, plan_shuffled
 from featurestore.pixels import PIXELS_ARRAY
 from featurestore.reader import EntryReader
@@ -210,33 +211,101 @@ class Window:
         return self.offset + len(self.positions)
 
 
+class BatchPlanError(UserError, ValueError):
+    """The global batch cannot be split over the workers."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step of ``global_batch_size`` rows is split: rank r takes ``quotas[r]``
+    rows a step (equal, or differing by one when the world size does not divide the global
+    batch), forwarded as ``accumulation`` micro-batches. Every rank takes the same number of
+    steps and micro-batches, which DDP needs; :meth:`loss_scale` makes DDP's mean over ranks the
+    mean over the global batch even when quotas differ."""
+
+    global_batch_size: int
+    quotas: tuple[int, ...]
+    accumulation: int
+
+    @property
+    def world_size(self) -> int:
+        return len(self.quotas)
+
+    def micro_sizes(self, rank: int) -> tuple[int, ...]:
+        """Rank ``rank``'s micro-batch sizes within one step (near-equal, larger first)."""
+        q, a = self.quotas[rank], self.accumulation
+        return tuple(q // a + (i < q % a) for i in range(a))
+
+    def shares(self, rows: int) -> list[int]:
+        """Rows per rank in an epoch over ``rows`` rows: whole steps, the last padded."""
+        steps = -(-rows // self.global_batch_size)
+        return [q * steps for q in self.quotas]
+
+    def loss_scale(self, micro_rows: int) -> float:
+        """Factor on a micro-batch's mean loss so that DDP's gradient (the mean over ranks of their
+        summed micro-batch gradients) is the gradient of the mean loss over the global batch."""
+        return micro_rows * self.world_size / self.global_batch_size
+
+
+def batch_plan(global_batch_size: int, world_size: int, micro_batch_size: int | None) -> BatchPlan:
+    """Split ``global_batch_size`` rows per step over ``world_size`` workers, each forwarding at
+    most ``micro_batch_size`` rows at once (gradient accumulation beyond that)."""
+    if global_batch_size < world_size:
+        raise BatchPlanError(f"global_batch_size={global_batch_size} is smaller than the {world_size} workers; "
+                             "lower num_workers or raise global_batch_size")
+    quotas = tuple(global_batch_size // world_size + (r < global_batch_size % world_size) for r in range(world_size))
+    accumulation = -(-quotas[0] // (micro_batch_size or quotas[0]))
+    if quotas[-1] < accumulation:
+        raise BatchPlanError(f"global_batch_size={global_batch_size} over {world_size} workers in micro-batches of "
+                             f"≤ {micro_batch_size} rows would leave some micro-batches empty; raise micro_batch_size")
+    return BatchPlan(global_batch_size, quotas, accumulation)
+
+
+def _cuts(rows: int, sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """``[start, stop)`` of consecutive batches over ``rows`` positions, sizes cycling ``sizes``."""
+    cuts, start, i = [], 0, 0
+    while start < rows:
+        stop = min(start + sizes[i % len(sizes)], rows)
+        cuts.append((start, stop))
+        start, i = stop, i + 1
+    return cuts
+
+
 class StudentStream:
-    """Batches for one rank. Build it once per worker; call :meth:`epoch` each epoch."""
+    """Batches for one rank. Build it once per worker; call :meth:`epoch` each epoch.
+
+    ``batch`` is a batch size (equal shares per rank, as validation reads), or a
+    :class:`BatchPlan`: the rank's share and micro-batch sizes come from it."""
 
     def __init__(self, store_url: str, knowledge_key: str, data: SplitRows, label: str, world: World,
-                 batch_size: int, images: StoredImages | DecodedImages, seed: int, window_blocks: int = 8,
+                 batch: int | BatchPlan, images: StoredImages | DecodedImages, seed: int, window_blocks: int = 8,
                  prefetch: int = 4, channels_last: bool = False, pin_memory: bool = False):
         self.knowledge = FeatureStore(store_url, create=False).open(knowledge_key)
         self.data, self.label, self.world, self.images = data, label, world, images
-        self.batch_size, self.seed, self.window_blocks = batch_size, seed, window_blocks
+        if isinstance(batch, BatchPlan):
+            self.sizes, self.shares = batch.micro_sizes(world.rank), batch.shares(len(data))
+        else:
+            self.sizes, self.shares = (batch,), None
+        self.seed, self.window_blocks = seed, window_blocks
         self.prefetch, self.channels_last, self.pin_memory = max(1, prefetch), channels_last, pin_memory
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="student-window")
         self.unreadable = Unreadable()
 
     def plan(self, epoch: int) -> ShuffledEpoch:
-        return plan_shuffled(self.images.block_of, self.world, self.seed, epoch, self.window_blocks)
+        return plan_shuffled(self.images.block_of, self.world, self.seed, epoch, self.window_blocks,
+                             shares=self.shares)
 
     def steps(self, epoch: int) -> int:
-        """Batches this rank yields in ``epoch`` (the same on every rank)."""
-        return -(-len(self.plan(epoch)) // self.batch_size)
+        """Batches (micro-batches) this rank yields in ``epoch`` (the same on every rank)."""
+        return len(_cuts(len(self.plan(epoch)), self.sizes))
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[StudentBatch]:
         """The epoch's batches from batch ``start_batch`` on (a resumed run skips the batches it
         trained on without reading them)."""
         self.unreadable = Unreadable()
         plan = self.plan(epoch)
-        starts = list(range(start_batch * self.batch_size, len(plan), self.batch_size))
-        windows = [w for w in plan.windows() if starts and w.stop > starts[0]]
+        cuts = _cuts(len(plan), self.sizes)[start_batch:]
+        windows = [w for w in plan.windows() if cuts and w.stop > cuts[0][0]]
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
@@ -245,8 +314,7 @@ class StudentStream:
                 loaded: list[Window] = []
                 upcoming = iter(windows)
                 following = self._next(plan, upcoming)
-                for start in starts:
-                    end = min(start + self.batch_size, len(plan))
+                for start, end in cuts:
                     while not loaded or loaded[-1].end < end:
                         loaded.append(following.result())
                         following = self._next(plan, upcoming)  # read the next window meanwhile

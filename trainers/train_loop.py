@@ -43,7 +43,7 @@ from trainers.knowledge import knowledge_hashes
 from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
 from trainers.student import (StudentError, StudentSpec, build_student, decoder_for, restore_student, save_student,
                               view_size)
-from trainers.student_data import DecodedImages, StoredImages, StudentStream, split_rows
+from trainers.student_data import DecodedImages, StoredImages, StudentStream, batch_plan, split_rows
 from trainers.student_views import stored_views
 
 OPTIMIZER_FILE, STATE_FILE, HISTORY_FILE = "optimizer.safetensors", "trainer_state.json", "history.json"
@@ -51,10 +51,6 @@ OPTIMIZER_FILE, STATE_FILE, HISTORY_FILE = "optimizer.safetensors", "trainer_sta
 
 class UnreadableImages(UserError, RuntimeError):
     """Too many of an epoch's images could not be read, or no longer match the index."""
-
-
-class BatchPlanError(UserError, ValueError):
-    """The global batch cannot be split evenly over the workers."""
 
 
 @dataclass(frozen=True)
@@ -133,20 +129,6 @@ def resume(directory: str, model, optimizer: torch.optim.Optimizer, scheduler,
     return state, history, world_sizes
 
 
-def batch_plan(global_batch_size: int, world_size: int, micro_batch_size: int | None) -> tuple[int, int]:
-    """``(per-worker batch, gradient accumulation)`` for ``global_batch_size`` rows per optimizer
-    step on ``world_size`` workers, each forward at most ``micro_batch_size`` rows: the fewest
-    accumulation steps that split the global batch evenly."""
-    if global_batch_size % world_size:
-        sizes = [w for w in range(1, global_batch_size + 1) if global_batch_size % w == 0]
-        raise BatchPlanError(f"global_batch_size={global_batch_size} cannot be split evenly over {world_size} "
-                             f"workers; use a world size of {sizes} (num_workers) or another global_batch_size")
-    per_worker = global_batch_size // world_size
-    limit = micro_batch_size or per_worker
-    accumulation = next(a for a in range(1, per_worker + 1) if per_worker % a == 0 and per_worker // a <= limit)
-    return per_worker // accumulation, accumulation
-
-
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -178,7 +160,10 @@ class StudentRecipe:
     each epoch and every ``checkpoint_every_steps`` steps).
 
     An optimizer step takes ``global_batch_size`` rows: each of the ``world_size`` workers forwards
-    ``accumulation`` micro-batches (:func:`batch_plan`), so elastic resizes keep the experiment.
+    its quota of them as ``accumulation`` micro-batches (``student_data.batch_plan``; quotas differ
+    by one row when the world size does not divide the global batch, and the loss is scaled so
+    that the step's gradient is still the global batch's mean), so elastic resizes keep the
+    experiment.
     On CUDA the forward runs under bf16 autocast with channels-last images, and loss sums stay on
     the device: the host syncs once per ``log_every_steps`` steps, not per step.
     """
@@ -189,8 +174,8 @@ class StudentRecipe:
         self.config = config
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.micro_batch, self.accumulation = batch_plan(config["global_batch_size"], self.world_size,
-                                                         config.get("micro_batch_size"))
+        self.batches = batch_plan(config["global_batch_size"], self.world_size, config.get("micro_batch_size"))
+        self.accumulation = self.batches.accumulation
 
     def run(self) -> None:
         self.setup()
@@ -203,6 +188,10 @@ class StudentRecipe:
         import ray.train.torch
 
         config = self.config
+        if config["deterministic"]:  # before the first cuBLAS call; see README "Reproducibility"
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         self.device = ray.train.torch.get_device()
         self.cuda = self.device.type == "cuda"
         torch.manual_seed(config["seed"])
@@ -239,8 +228,9 @@ class StudentRecipe:
                                   data)
         else:
             images = DecodedImages(data, decoder_for(self.spec, self.device), view_size(self.spec.view), locality_rows)
+        batch = self.batches if split == "train" else max(self.batches.micro_sizes(0))
         return StudentStream(config["store"], config["knowledge_entry"], data, label, World(self.rank, self.world_size),
-                             self.micro_batch, images, config["seed"], window_blocks=config["window_blocks"],
+                             batch, images, config["seed"], window_blocks=config["window_blocks"],
                              channels_last=self.cuda, pin_memory=self.cuda)
 
     # -- train -----------------------------------------------------------------------------------
@@ -308,7 +298,7 @@ class StudentRecipe:
             targets = Targets(batch.gt.to(device, non_blocking=True), batch.teacher_prediction.to(device, non_blocking=True),
                               batch.teacher_feature.to(device, non_blocking=True))
             total, terms = student_loss(self.loss_spec, outputs, targets, weight)
-            (total / self.accumulation).backward()
+            (total * self.batches.loss_scale(len(batch.rows))).backward()
         return total, terms
 
     def _totals(self, sums: dict[str, torch.Tensor], rows_seen: torch.Tensor,

@@ -28,9 +28,8 @@ from trainers.knowledge import knowledge_hashes
 from trainers.labels import check_loss
 from trainers.losses import KINDS, LossSpec
 from trainers.student import StudentSpec
-from trainers.student_data import split_rows
+from trainers.student_data import BatchPlanError, batch_plan, split_rows
 from trainers.student_views import StoredViews, ensure_views, pixel_view
-from trainers.train_loop import BatchPlanError, batch_plan
 from trainers.weights import check_local_file
 
 # Ray Train V2 (elastic scaling, the controller's failure handling) is chosen when ray.train is
@@ -88,7 +87,7 @@ class TrainConfig:
     cpus_per_worker: float = option(1.0, help="CPUs reserved per worker")
     epochs: int = option(12, help="paper: 12")
     global_batch_size: int = option(16, help="rows per optimizer step over all workers (paper: 16); each worker "
-                                             "takes global_batch_size / world size")
+                                             "takes its share (± 1 row when the world size does not divide it)")
     micro_batch_size: int | None = option(None, help="most rows one worker forwards at once; fewer than its share "
                                                      "of the global batch means gradient accumulation")
     images: str = option("stored", help="stored: the student views decoded once into the store and reused | "
@@ -96,6 +95,8 @@ class TrainConfig:
     window_blocks: int = option(8, help="shuffle window: stored shards whose rows are mixed into batches")
     checkpoint_every_steps: int = option(0, help="also checkpoint every this many optimizer steps (0: per epoch only)")
     log_every_steps: int = option(50, help="print the running loss every this many steps (the only host sync)")
+    deterministic: bool = option(False, help="deterministic kernels on GPU too (torch.use_deterministic_algorithms; "
+                                             "slower). CPU runs are bit-reproducible without it")
     lr: float = option(3e-5, help="Adam; paper: 3e-5")
     lr_step_epochs: int = option(3, help="lr ÷ 10 every this many epochs; paper: 3")
     seed: int = option(0, help="initialisation and data order")
@@ -193,7 +194,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                    "micro_batch_size": cfg.micro_batch_size, "lr": cfg.lr, "lr_step_epochs": cfg.lr_step_epochs,
                    "seed": cfg.seed, "images": cfg.images, "view": views.view.to_json() if views else None,
                    "window_blocks": cfg.window_blocks, "checkpoint_every_steps": cfg.checkpoint_every_steps,
-                   "log_every_steps": cfg.log_every_steps}
+                   "log_every_steps": cfg.log_every_steps, "deterministic": cfg.deterministic}
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
