@@ -27,10 +27,11 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from featurestore.errors import UserError
+from ray_jobs.config import ConfigError, option
 
 from . import demo_data
 from .demo_data import DemoDataError, ImageSpec
@@ -72,6 +73,22 @@ def generate(out: Path, n: int, seed: int = 0, test_fraction: float = 0.2,
             "created": created, "seconds": round(time.monotonic() - started, 2)}
 
 
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """What a demo dataset is made of, with its checks: the pipeline's ``demo_data`` section and
+    this command's flags (``--n`` is required on the command line)."""
+
+    n: int = option(160, help="number of images")
+    seed: int = option(0, help="generator seed")
+    test_fraction: float = option(0.2, help="share of test images")
+    long_side: tuple[int, ...] = option((400, 900), help="[min, max] long side in pixels")
+
+    def __post_init__(self):
+        if self.n < 1 or not 0 < self.test_fraction < 1 or len(self.long_side) != 2 \
+                or not 16 <= self.long_side[0] <= self.long_side[1]:
+            raise ConfigError("demo_data needs n ≥ 1, 0 < test_fraction < 1 and long_side [min, max] with 16 ≤ min ≤ max")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ray_jobs.make_demo_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True,
@@ -84,12 +101,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="threads (the output does not depend on it)")
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error(f"--n must be at least 1, got {args.n}")
-    if not 0 < args.test_fraction < 1:
-        parser.error(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
-    if not 16 <= args.long_side[0] <= args.long_side[1]:
-        parser.error(f"--long-side needs 16 <= MIN <= MAX, got {args.long_side}")
+    try:
+        DemoDataConfig(args.n, args.seed, args.test_fraction, tuple(args.long_side))
+    except ConfigError:
+        parser.error(f"needs --n ≥ 1, 0 < --test-fraction < 1 and --long-side MIN MAX with 16 ≤ MIN ≤ MAX; got "
+                     f"--n {args.n} --test-fraction {args.test_fraction} --long-side {' '.join(map(str, args.long_side))}")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     return args

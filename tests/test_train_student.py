@@ -267,6 +267,7 @@ def registered_state(s3, bucket: str, run: str) -> dict | None:
         return None
 
 
+@pytest.mark.slow  # four training runs; CI runs it (.ci/run), make test stays near its budget
 def test_a_worker_killed_mid_epoch_resumes_at_the_next_batch_with_the_uninterrupted_losses(ray_local, tmp_path,
                                                                                           s3_bucket):
     """Gradient accumulation (2 micro-batches of 2 rows per worker and step, 2 workers: 8 rows a

@@ -47,6 +47,7 @@ from featurestore.views import GsfView
 from featurestore.sources import SourceError, read_bytes
 from featurestore.store import FeatureStore
 from ray_jobs.config import ConfigError, as_dict, from_dict, option
+from ray_jobs.make_demo_data import DemoDataConfig
 from ray_jobs.runtime import cluster_gpus, is_local, log
 from ray_jobs.stages import report
 from ray_jobs.stages.dataset_input import DatasetConfig
@@ -66,19 +67,6 @@ SET_BY_PIPELINE = {
     "train": ("store", "knowledge_entry", "student", "loss", "seed", "name", "ray_address", "num_cpus"),
 }
 SIZE_SAMPLE = 32  # images whose size gives the teacher's "full res" input in the table
-
-
-@dataclass(frozen=True)
-class DemoDataConfig:
-    n: int = option(160, help="number of images")
-    seed: int = option(0, help="generator seed")
-    test_fraction: float = option(0.2, help="share of test images")
-    long_side: tuple[int, ...] = option((400, 900), help="[min, max] long side in pixels")
-
-    def __post_init__(self):
-        if self.n < 1 or not 0 < self.test_fraction < 1 or len(self.long_side) != 2 \
-                or not 16 <= self.long_side[0] <= self.long_side[1]:
-            raise ConfigError("demo_data needs n ≥ 1, 0 < test_fraction < 1 and long_side [min, max] with 16 ≤ min ≤ max")
 
 
 @dataclass(frozen=True)
