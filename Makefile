@@ -40,7 +40,7 @@ test: $(STAMP) $(PROXY_STAMP)
 test-all: $(STAMP) $(PROXY_STAMP)
 	$(PY) -m pytest -m "not gpu" -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(PROXY_STAMP)
 	$(PY) benchmarks/codec_choice.py
 	$(PY) benchmarks/store_read.py
 	$(PY) benchmarks/extract.py

@@ -111,7 +111,7 @@ def main() -> None:
             assert_roundtrip(reader, data)
             epochs[f"store {name}"] = functools.partial(store_epoch, reader, args.prefetch)
         np.save(tmp / "raw.npy", data)
-        memmap = np.load(tmp / "raw.npy", mmap_mode="r")
+        memmap = np.load(tmp / "raw.npy", mmap_mode="r", allow_pickle=False)
         epochs["np.memmap"] = functools.partial(span_epoch, lambda s: np.array(memmap[s.start:s.stop]), spans)
         import h5py
 

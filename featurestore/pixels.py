@@ -71,9 +71,11 @@ def segment_spec(view: PixelViewSpec, hashes: np.ndarray, uris: Sequence[str]) -
     from ``uris``. The URIs are part of it because a row can fail for where it was read (a file
     gone since indexing): the same images read from elsewhere (a moved dataset) are tried again."""
     images = hashlib.sha256(hash_bytes(hashes).tobytes()).hexdigest()
-    where = hashlib.sha256("\n".join(uris).encode()).hexdigest()
-    return EntrySpec(kind=PIXELS_KIND, identity={"view": view.to_json(), "images": images, "sources": where,
-                                                 "rows": int(len(hashes))})
+    where = hashlib.sha256()
+    for uri in uris:  # streamed: no joined copy of millions of URIs
+        where.update(uri.encode() + b"\n")
+    return EntrySpec(kind=PIXELS_KIND, identity={"view": view.to_json(), "images": images,
+                                                 "sources": where.hexdigest(), "rows": int(len(hashes))})
 
 
 def segment_layout(view: PixelViewSpec, rows: int) -> EntryLayout:

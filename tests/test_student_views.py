@@ -119,3 +119,25 @@ def test_gc_takes_a_view_segment_out_of_its_table_before_deleting_it(tmp_path):
     run_gc(store, [a for a in plan_gc(store, older_than_s=0, keep=set()) if a.key == segment])
     assert registered_segments(store, pixels_key(view)) == () and segment not in store.keys()
     assert ensure_views(store_url, view, hashes, uris).decoded == 4  # decoded again, not served from a ghost
+
+
+def test_a_rerun_after_a_middle_shard_committed_decodes_the_others_in_place(tmp_path, monkeypatch):
+    """Resume: with shard 1 of 3 already committed, one task gets shards 0 and 2, and each row
+    still gets its own image's view (the rows between them are skipped, not shifted)."""
+    import featurestore.pixels as pixels
+    from featurestore.dataset_table import hashes_to_hex
+    from trainers.student_views import write_shards
+
+    monkeypatch.setattr(pixels, "SHARD_BYTES", 16 * 16 * 3 * 8)  # 8 rows a shard
+    write_ava(tmp_path / "ava", good_images(20, seed=3), test_every=4)
+    hashes, uris = images_of(DatasetTable.from_manifest(load_dataset(str(tmp_path / "ava"), "ava")))
+    store_url, view = str(tmp_path / "store"), pixel_view("resize:16", use_gpu=False)
+    writer = pixels.create_segment(FeatureStore(store_url), view, hashes, uris)
+    assert writer.layout.num_shards == 3
+    write_shards(store_url, writer.spec.to_json(), writer.layout.to_json(), hashes_to_hex(hashes[8:16]), uris[8:16],
+                 [1], 8)
+    views = ensure_views(store_url, view, hashes, uris)
+    assert views.decoded == 12 and len(views.index) == 20
+    decoder = view_decoder(view)
+    want = np.stack([decoder.decode([Path(u).read_bytes()])[0].image.numpy().reshape(-1) for u in uris])
+    assert np.array_equal(stored_pixels(store_url, views, hashes), want)

@@ -69,7 +69,8 @@ class StoredViews:
 
 def ensure_views(store_url: str, view: PixelViewSpec, hashes: np.ndarray, uris: list[str],
                  log: Callable[[str], None] = lambda line: None) -> StoredViews:
-    """Make sure every image of ``hashes`` (with ``uris[i]`` where to read ``hashes[i]``) has a
+    """Make sure every image of ``hashes`` (sorted, distinct; ``uris[i]`` is where to read
+    ``hashes[i]``) has a
     stored view or a recorded failure; decode the missing ones on Ray tasks (in this process
     when no Ray instance is running: a library caller on a laptop, a benchmark)."""
     import ray
@@ -79,9 +80,8 @@ def ensure_views(store_url: str, view: PixelViewSpec, hashes: np.ndarray, uris: 
     todo = index.missing(hashes)
     if not len(todo):
         return stored_views(store_url, view)
-    where = dict(zip(hashes_to_hex(hashes), uris))
-    todo_hex = hashes_to_hex(todo)
-    writer = create_segment(store, view, todo, [where[h] for h in todo_hex])
+    todo_uris = [uris[i] for i in np.searchsorted(hashes, todo)]
+    writer = create_segment(store, view, todo, todo_uris)
     shards = writer.missing_shards()
     decoded = sum(len(range(*writer.layout.shard_range(s))) for s in shards)
     if shards:
@@ -94,11 +94,11 @@ def ensure_views(store_url: str, view: PixelViewSpec, hashes: np.ndarray, uris: 
             submit, result = write_shards, lambda done: done
         groups = [shards[i:i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
         pending, errors = [], []
-        for group in groups:
-            rows = [r for s in group for r in range(*writer.layout.shard_range(s))]
+        for group in groups:  # a task gets the rows from its first shard to its last, hex per task
+            lo, hi = writer.layout.shard_range(group[0])[0], writer.layout.shard_range(group[-1])[1]
             try:
                 pending.append(submit(store_url, writer.spec.to_json(), writer.layout.to_json(),
-                                      todo_hex[rows[0]:rows[-1] + 1], [where[todo_hex[r]] for r in rows], group, rows[0]))
+                                      hashes_to_hex(todo[lo:hi]), todo_uris[lo:hi], group, lo))
             except Exception as exc:  # noqa: BLE001 - in-process: reported below, with the shards it left
                 errors.append(exc)
         for ref in pending:

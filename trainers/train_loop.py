@@ -212,26 +212,26 @@ class StudentRecipe:
             self.world_sizes = [*self.world_sizes, self.world_size]
         self.ddp_model = ray.train.torch.prepare_model(self.model, parallel_strategy_kwargs={
             "find_unused_parameters": False}) if self.world_size > 1 else self.model
-        self.streams = {split: self._stream(split) for split in ("train", "test")}
-
-    def _stream(self, split: str) -> StudentStream:
-        config, label = self.config, self.spec.label
         store = FeatureStore(config["store"], create=False)
-        if not hasattr(self, "_rows"):
-            knowledge = store.open(config["knowledge_entry"])
-            table = get_table(store, config["dataset_table"], columns=("uri", "split", "votes", "mean_score"))
-            self._rows = (table, knowledge_hashes(knowledge), knowledge.layout.shard_rows)
-        table, hashes, locality_rows = self._rows
-        data = split_rows(table, hashes, split, label)
-        if config["images"] == "stored":
-            images = StoredImages(config["store"], stored_views(config["store"], PixelViewSpec.from_json(config["view"])),
-                                  data)
-        else:
-            images = DecodedImages(data, decoder_for(self.spec, self.device), view_size(self.spec.view), locality_rows)
-        batch = self.batches if split == "train" else max(self.batches.micro_sizes(0))
-        return StudentStream(config["store"], config["knowledge_entry"], data, label, World(self.rank, self.world_size),
-                             batch, images, config["seed"], window_blocks=config["window_blocks"],
-                             channels_last=self.cuda, pin_memory=self.cuda)
+        knowledge = store.open(config["knowledge_entry"])
+        table = get_table(store, config["dataset_table"], columns=("uri", "split", "votes", "mean_score"))
+        hashes = knowledge_hashes(knowledge)
+        views = stored_views(config["store"], PixelViewSpec.from_json(config["view"])) \
+            if config["images"] == "stored" else None
+        self.streams = {split: self._stream(split_rows(table, hashes, split, self.spec.label), views,
+                                            knowledge.layout.shard_rows, train=split == "train")
+                        for split in ("train", "test")}
+
+    def _stream(self, data, views, locality_rows: int, train: bool) -> StudentStream:
+        """A split's stream: from the stored ``views``, or decoding (``views`` None) in blocks of
+        ``locality_rows`` knowledge rows; the train split in the global batch's quotas."""
+        config = self.config
+        images = StoredImages(config["store"], views, data) if views is not None else \
+            DecodedImages(data, decoder_for(self.spec, self.device), view_size(self.spec.view), locality_rows)
+        batch = self.batches if train else max(self.batches.micro_sizes(0))
+        return StudentStream(config["store"], config["knowledge_entry"], data, self.spec.label,
+                             World(self.rank, self.world_size), batch, images, config["seed"],
+                             window_blocks=config["window_blocks"], channels_last=self.cuda, pin_memory=self.cuda)
 
     # -- train -----------------------------------------------------------------------------------
 
