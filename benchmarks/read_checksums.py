@@ -50,7 +50,7 @@ RAW = {"name": "none"}  # the store's chosen codec (see codec_choice.py)
 
 
 def stream_epoch(reader: EntryReader, prefetch: int) -> None:
-    rows = sum(len(b) for b in reader.iter_epoch(World(), arrays=["gsf"], prefetch=prefetch, shuffle_rows=False))
+    rows = sum(len(b) for b in reader.iter_epoch(World(), arrays=["gsf"], prefetch=prefetch))
     assert rows == reader.rows
 
 

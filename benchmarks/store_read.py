@@ -5,8 +5,10 @@
 Writes ``rows`` × ``width`` float16 realistic pooled activations (benchmarks/activations.py) to
 (a) a local feature store entry, (b) a raw ``.npy`` read through ``np.memmap``, (c) an HDF5
 dataset (h5py, chunked like the store's inner chunks, uncompressed), then streams one epoch from
-each, visiting the same spans in the same seeded shard order as the store's partition plan.
-Every reader materialises the rows in memory (a copy) so all pay for the bytes they deliver.
+each, visiting the same shards in the same seeded order as the store's partition plan
+(``plan_shuffled``, one shard a window) and delivering each shard's rows in the plan's
+permuted order. Every reader materialises the rows in memory (a copy and the gather) so all pay
+for the bytes they deliver.
 All files are read warm (they were just written), the setting that is hardest for a
 compressed store. With ``--s3-rows`` > 0 the store is also measured over a moto S3 server on
 loopback. Prints a table on stderr and one JSON object as the last stdout line.
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from activations import pooled_activations  # noqa: E402
 
 from featurestore.layout import ArraySpec, EntryLayout  # noqa: E402
-from featurestore.partition import World, plan_for  # noqa: E402
+from featurestore.partition import World, plan_shuffled  # noqa: E402
 from featurestore.specs import EntrySpec  # noqa: E402
 from featurestore.store import FeatureStore  # noqa: E402
 
@@ -60,15 +62,16 @@ def seconds(fn) -> float:
 
 def store_epoch(reader, prefetch: int) -> None:
     """One epoch through the store's partitioned, prefetching iterator."""
-    rows = sum(len(b) for b in reader.iter_epoch(World(), seed=0, epoch=0, arrays=["gsf"], prefetch=prefetch,
-                                                  shuffle_rows=False))
+    rows = sum(len(b) for b in reader.iter_epoch(World(), seed=0, epoch=0, arrays=["gsf"], prefetch=prefetch))
     assert rows == reader.rows
 
 
-def span_epoch(read_span, spans) -> None:
-    """A baseline reader visiting the same spans as the store's plan, one copy per span."""
-    for span in spans:
-        read_span(span)
+def window_epoch(read_range, windows: list[np.ndarray]) -> None:
+    """A baseline reader visiting the same windows as the store's plan: the window's row range
+    copied, then its rows gathered in the plan's order."""
+    for rows in windows:
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        np.asarray(read_range(lo, hi))[rows - lo]
 
 
 def interleaved(epochs: dict, repeats: int) -> dict[str, float]:
@@ -81,8 +84,10 @@ def interleaved(epochs: dict, repeats: int) -> dict[str, float]:
 
 
 def assert_roundtrip(reader, data: np.ndarray) -> None:
-    blocks = sorted(reader.iter_epoch(arrays=["gsf"], shuffle_rows=False), key=lambda b: int(b.rows[0]))
-    assert np.array_equal(np.concatenate([b.arrays["gsf"] for b in blocks]), data), "store returned other bytes"
+    blocks = list(reader.iter_epoch(arrays=["gsf"]))
+    rows = np.concatenate([b.rows for b in blocks])
+    assert sorted(rows.tolist()) == list(range(len(data))), "the epoch missed or repeated rows"
+    assert np.array_equal(np.concatenate([b.arrays["gsf"] for b in blocks]), data[rows]), "store returned other bytes"
 
 
 def main() -> None:
@@ -100,7 +105,8 @@ def main() -> None:
 
     data = pooled_activations(args.rows, args.width)
     codecs = args.codecs.split(",")
-    spans = plan_for(World(), args.rows, args.shard_rows, seed=0, epoch=0)
+    plan = plan_shuffled(np.arange(args.rows) // args.shard_rows, World(), seed=0, epoch=0, window_blocks=1)
+    windows = [plan.positions[w] for w in plan.windows()]
     stored, epochs = {}, {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
@@ -112,13 +118,13 @@ def main() -> None:
             epochs[f"store {name}"] = functools.partial(store_epoch, reader, args.prefetch)
         np.save(tmp / "raw.npy", data)
         memmap = np.load(tmp / "raw.npy", mmap_mode="r", allow_pickle=False)
-        epochs["np.memmap"] = functools.partial(span_epoch, lambda s: np.array(memmap[s.start:s.stop]), spans)
+        epochs["np.memmap"] = functools.partial(window_epoch, lambda a, b: np.array(memmap[a:b]), windows)
         import h5py
 
         with h5py.File(tmp / "gsf.h5", "w") as f:
             f.create_dataset("gsf", data=data, chunks=(args.chunk_rows, args.width))
         h5 = stack.enter_context(h5py.File(tmp / "gsf.h5", "r"))["gsf"]
-        epochs["hdf5 (h5py)"] = functools.partial(span_epoch, lambda s: h5[s.start:s.stop], spans)
+        epochs["hdf5 (h5py)"] = functools.partial(window_epoch, lambda a, b: h5[a:b], windows)
         best = interleaved(epochs, args.repeats)
     results = [{"reader": name, "rows_per_s": args.rows / t, "mb_per_s": data.nbytes / t / 1e6, "seconds": t}
                for name, t in best.items()]

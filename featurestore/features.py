@@ -36,7 +36,6 @@ SEGMENT_KIND = "gsfseg"
 GSF_ARRAY = "gsf"
 HASH_ARRAY = "sha256"
 TABLES_PREFIX = "_tables"
-RUN_CHUNKS = 16  # inner chunks per range read in read_features
 
 
 def extractor_key(extractor: ExtractorSpec) -> str:
@@ -174,8 +173,9 @@ def read_features(store: FeatureStore, index: FeatureIndex, hashes: np.ndarray,
                   columns: np.ndarray | None = None, readers: dict[int, EntryReader] | None = None) -> np.ndarray:
     """GSF rows for ``hashes`` (each must be in ``index``), in the order given; float16.
 
-    Reads are grouped per segment and fetch each needed inner chunk once. ``readers`` caches the
-    opened segments across calls.
+    Each segment's rows are read with ``EntryReader.read_rows`` (whole shards where dense, runs
+    of inner chunks elsewhere), only ``columns`` kept. ``readers`` caches the opened segments
+    across calls.
     """
     found, segment, row = index.lookup(hashes)
     if not np.all(found):
@@ -185,48 +185,22 @@ def read_features(store: FeatureStore, index: FeatureIndex, hashes: np.ndarray,
     for s in np.unique(segment):
         reader = readers.setdefault(int(s), store.open(index.segments[int(s)]))
         picked = np.flatnonzero(segment == s)
-        for positions, block in _chunk_runs(reader, row[picked]):
-            block = block if columns is None else block[:, columns]
-            if out is None:
-                out = np.empty((len(hashes), block.shape[1]), np.float16)
-            out[picked[positions]] = block
+        block = reader.read_rows(row[picked], [GSF_ARRAY], columns)[GSF_ARRAY]
+        if out is None:
+            out = np.empty((len(hashes), block.shape[1]), np.float16)
+        out[picked] = block
     return out if out is not None else np.zeros((0, 0 if columns is None else len(columns)), np.float16)
 
 
-def _chunk_runs(reader: EntryReader, rows: np.ndarray):
-    """Yield ``(positions, gsf rows)`` for ``rows`` of one segment, read as runs of whole inner
-    chunks with plain range reads: zarr's fancy indexing builds index arrays the size of the
-    selection (gigabytes at 23424 columns), a range read only the block itself."""
-    chunk_rows = reader.layout.chunk_rows
-    chunks = np.unique(rows // chunk_rows)
-    breaks = np.flatnonzero((np.diff(chunks) != 1) | (np.arange(1, len(chunks)) % RUN_CHUNKS == 0)) + 1
-    for run in np.split(chunks, breaks):  # runs of at most RUN_CHUNKS chunks: bounded temporaries
-        start, stop = int(run[0]) * chunk_rows, min((int(run[-1]) + 1) * chunk_rows, reader.rows)
-        positions = np.flatnonzero((rows >= start) & (rows < stop))
-        block = reader.read_range(start, stop, [GSF_ARRAY])[GSF_ARRAY]
-        yield positions, block[rows[positions] - start]
-
-
-def plan_windows(index: FeatureIndex, hashes: np.ndarray, seed: int, epoch: int, block_rows: int,
-                 blocks_per_window: int) -> list[np.ndarray]:
-    """An epoch over ``hashes`` as windows of positions into it: every position exactly once.
-
-    Positions are ordered by where their rows are stored (segment, row) and cut into blocks of
-    ``block_rows``, so one block touches few inner chunks. Each epoch visits the blocks in a
-    fresh order seeded by ``(seed, epoch)``; a window is ``blocks_per_window`` of them, permuted
-    row by row. A reader holds one window (and the next, prefetched) at a time: memory is
-    bounded by the window, not by the dataset, and batches still mix rows from far apart.
-    """
+def storage_blocks(index: FeatureIndex, hashes: np.ndarray, block_rows: int) -> np.ndarray:
+    """For each hash, a block id for :func:`featurestore.partition.plan_shuffled`: its rows in
+    storage order (segment, row) cut into blocks of ``block_rows``, so a block touches few inner
+    chunks and a window of blocks is a handful of range reads."""
     _, segment, row = index.lookup(hashes)
     order = np.lexsort((row, segment))
-    blocks = [order[i:i + block_rows] for i in range(0, len(order), block_rows)]
-    rng = np.random.default_rng([seed, epoch])
-    blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-    windows = []
-    for start in range(0, len(blocks), blocks_per_window):
-        window = np.concatenate(blocks[start:start + blocks_per_window])
-        windows.append(window[rng.permutation(len(window))])
-    return windows
+    block = np.empty(len(hashes), np.int64)
+    block[order] = np.arange(len(hashes)) // block_rows
+    return block
 
 
 def segment_uris(hashes: np.ndarray, row_hashes: np.ndarray, uris: Sequence[str]) -> list[str]:

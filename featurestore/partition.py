@@ -1,19 +1,21 @@
-"""Epoch partition plan: which rows each (node, rank, dataloader worker) reads, as a pure function.
+"""Epoch partition plan: which rows each DDP rank reads, as a pure function (:func:`plan_shuffled`).
 
-The plan works on *spans* — contiguous row ranges inside one shard — so a reader fetches whole
-shards (or large pieces of them) and never scatters small reads over the store.
+The one planner of the project: the student loader (rows grouped by the stored shard that holds
+their view), the distiller (GSF rows grouped by block of storage order) and
+``EntryReader.iter_epoch`` (an entry's rows grouped by shard) all plan their epochs with it. Rows
+are grouped into *blocks* — the unit a reader fetches whole — so reads stay large, while a
+shuffle window of several blocks, permuted row by row, mixes rows from far apart:
 
-For an epoch:
-
-1. Shards are visited in an order drawn from ``(seed, epoch)``; rows inside a shard stay in
-   order. This row sequence covers every row exactly once.
-2. Ranks get equal, contiguous pieces of that sequence. When ``num_rows`` is not a multiple of
-   the world size, the default **pads**: the sequence is extended by cycling it from its start,
-   and those extra spans are flagged ``pad=True`` so training can mask them out of losses and
-   metrics. Every row is then read exactly once as a non-pad row, and each rank gets
-   ``ceil(num_rows / world_size)`` rows. With ``drop_last=True`` the tail of the sequence is
-   dropped instead (``floor`` rows per rank); which rows are dropped changes with the epoch.
-3. Inside a rank, dataloader workers get contiguous, near-equal pieces (sizes differ by ≤ 1).
+1. Blocks are visited in an order drawn from ``(seed, epoch)``, the same on every rank. This
+   sequence covers every row exactly once.
+2. Ranks get equal, contiguous pieces of that sequence. When the rows are not a multiple of the
+   world size, the default **pads**: the sequence is extended by cycling it from its start, and
+   those extra rows are flagged ``pad`` so training masks them out of losses and metrics. Every
+   row is then read exactly once as a non-pad row, and each rank gets ``ceil(rows / world_size)``
+   rows. With ``drop_last`` the tail is dropped instead (``floor`` rows per rank); which rows are
+   dropped changes with the epoch. Explicit per-rank ``shares`` serve a global batch that the
+   world size does not divide.
+3. A rank's piece is cut into windows of ``window_blocks`` blocks, each permuted row by row.
 """
 
 from __future__ import annotations
@@ -56,72 +58,8 @@ class World:
         return self.rank % self.ranks_per_node
 
 
-
-@dataclass(frozen=True)
-class Span:
-    """Rows ``[start, stop)`` of shard ``shard`` (global row indices); ``pad`` marks padding repeats."""
-
-    shard: int
-    start: int
-    stop: int
-    pad: bool = False
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
-    """The permutation of shards visited in ``epoch``; a new order each epoch, same for every rank."""
-    return np.random.default_rng([seed, epoch]).permutation(num_shards)
-
-
 def rows_per_rank(num_rows: int, world_size: int, drop_last: bool = False) -> int:
     return num_rows // world_size if drop_last else math.ceil(num_rows / world_size)
-
-
-def _cut(sequence: list[Span], offsets: np.ndarray, start: int, stop: int) -> list[Span]:
-    """Spans covering positions ``[start, stop)`` of the sequence, cycling past its end as padding."""
-    total = int(offsets[-1])
-    out: list[Span] = []
-    pos = start
-    while pos < stop:
-        lap, at = divmod(pos, total)
-        i = int(np.searchsorted(offsets, at, side="right")) - 1
-        span = sequence[i]
-        begin = span.start + (at - int(offsets[i]))
-        take = min(span.stop - begin, stop - pos)
-        out.append(Span(span.shard, begin, begin + take, pad=lap > 0))
-        pos += take
-    return out
-
-
-def plan_epoch(num_rows: int, shard_rows: int, world_size: int, num_workers: int, seed: int,
-               epoch: int, drop_last: bool = False) -> list[list[list[Span]]]:
-    """The whole epoch's plan: ``plan[rank][worker]`` is the list of spans that reader visits."""
-    if num_rows < 0 or shard_rows < 1 or world_size < 1 or num_workers < 1:
-        raise ValueError("need num_rows ≥ 0, shard_rows ≥ 1, world_size ≥ 1, num_workers ≥ 1")
-    num_shards = math.ceil(num_rows / shard_rows)
-    sequence = [Span(int(s), int(s) * shard_rows, min((int(s) + 1) * shard_rows, num_rows))
-                for s in shard_order(num_shards, seed, epoch)]
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequence], dtype=np.int64)])
-    per_rank = rows_per_rank(num_rows, world_size, drop_last)
-    plan = []
-    for rank in range(world_size):
-        rank_start = rank * per_rank
-        worker_plan = []
-        for worker in range(num_workers):
-            lo = rank_start + (per_rank * worker) // num_workers
-            hi = rank_start + (per_rank * (worker + 1)) // num_workers
-            worker_plan.append(_cut(sequence, offsets, lo, hi) if num_rows else [])
-        plan.append(worker_plan)
-    return plan
-
-
-def plan_for(world: World, num_rows: int, shard_rows: int, seed: int, epoch: int,
-             drop_last: bool = False) -> list[Span]:
-    """The spans one reader visits in ``epoch``."""
-    plan = plan_epoch(num_rows, shard_rows, world.world_size, world.num_workers, seed, epoch, drop_last)
-    return plan[world.rank][world.worker]
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,8 +86,8 @@ def plan_shuffled(block_of: np.ndarray, world: World, seed: int, epoch: int, win
 
     1. Positions are grouped by block; the blocks are visited in an order drawn from
        ``(seed, epoch)``, the same on every rank.
-    2. Ranks take equal, contiguous pieces of that sequence, padded as in :func:`plan_epoch`
-       (``pad=True`` rows repeat real ones and carry weight 0); ``drop_last`` drops instead.
+    2. Ranks take equal, contiguous pieces of that sequence, padded (``pad=True`` rows repeat
+       real ones and carry weight 0); ``drop_last`` drops instead.
        With ``shares`` rank r takes ``shares[r]`` rows instead (their sum ≥ the rows; a global
        batch that the world size does not divide gives ranks unequal quotas per step).
     3. A rank's piece is cut into windows of ``window_blocks`` consecutive blocks, and each window

@@ -1,14 +1,24 @@
-"""Reading an entry: rows by index, contiguous ranges, and a partitioned, prefetching epoch stream."""
+"""Reading an entry: rows by index, contiguous ranges, and a partitioned, prefetching epoch stream.
+
+There is one read path. :meth:`EntryReader.read_rows` serves any subset of rows: per shard one
+GET of the whole shard when the rows are dense in it, runs of inner chunks when they are sparse,
+shards in parallel. Epochs are planned by :func:`featurestore.partition.plan_shuffled` (every row
+exactly once, shards grouped into shuffle windows) and read window by window with
+:func:`read_ahead`, which keeps a bounded number of windows loading ahead of the consumer. The
+student loader, the distiller, :meth:`EntryReader.iter_epoch` and the Ray Data source
+(``raydata.py``, whole shards) all read through it.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import obstore
@@ -20,13 +30,43 @@ from .backends import Backend
 from .errors import UserError
 from .layout import (STATUS_ARRAY, STATUS_FAILED, ArraySpec, EntryLayout, blob_path, commit_path,
                      commits_prefix, doc_path, entry_path, manifest_path, shard_object_path)
-from .partition import Span, World, plan_for
+from .partition import World, plan_shuffled
 from .shardcodec import CorruptShard, ShardDecoder
 from .specs import EntrySpec
 from .writer import block_checksum
 
 
 _UNCOMMITTED_TTL_S = 1.0  # how long "shard not committed" is trusted (writers may commit it any time)
+#: ``read_rows`` fetches a whole shard (one GET) when it needs at least 1/WHOLE_SHARD_SHARE of its rows.
+WHOLE_SHARD_SHARE = 4
+#: Inner chunks per range read when rows are sparse in a shard: bounded temporaries.
+RUN_CHUNKS = 16
+READ_THREADS = 8
+
+Item, Loaded = TypeVar("Item"), TypeVar("Loaded")
+_END = object()
+
+
+def read_ahead(items: Iterable[Item], load: Callable[[Item], Loaded], ahead: int,
+               pool: ThreadPoolExecutor) -> Iterator[Loaded]:
+    """``load(item)`` for each item, in order, with up to ``ahead`` loads running on ``pool``
+    while the consumer works on the last one: memory is bounded by ``ahead + 1`` loads. A
+    consumer that stops early leaves no load running."""
+    pending: deque[Future] = deque()
+    upcoming = iter(items)
+
+    def top_up() -> None:
+        while len(pending) < max(1, ahead) and (item := next(upcoming, _END)) is not _END:
+            pending.append(pool.submit(load, item))
+    try:
+        top_up()
+        while pending:
+            loaded = pending.popleft().result()
+            top_up()
+            yield loaded
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 class EntryNotFound(UserError, LookupError):
@@ -150,7 +190,9 @@ class EntryReader:
                                 "rerun the job that writes it to finish the missing shards")
         self._arrays: dict[str, zarr.Array] = {}
         self._decoders: dict[str, ShardDecoder | None] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: ThreadPoolExecutor | None = None  # epoch read-ahead
+        self._read_pool: ThreadPoolExecutor | None = None  # the shards of one read_rows call
+        self._lock = threading.Lock()
         self._specs: dict[str, ArraySpec] = {a.name: a for a in self.layout.all_arrays}
         self._commits: dict[int, dict[str, Any]] = {}  # shard → commit record (immutable once created)
         self._checked: set[tuple[str, int]] = set()  # (array, shard) whose object size matched
@@ -300,7 +342,8 @@ class EntryReader:
 
     def _read_range(self, name: str, start: int, stop: int) -> np.ndarray:
         shard = start // self.layout.shard_rows
-        whole_shard = start < self.rows and (start, stop) == self.layout.shard_range(shard)
+        whole_shard = start < self.rows and (start, stop) == self.layout.shard_range(shard) and \
+            (self.manifest is not None or self._commit(shard) is not None)  # unwritten: fill values, as zarr
         decoder = self._decoder(name) if whole_shard else None
         if decoder is None:
             shards = range(shard, (stop - 1) // self.layout.shard_rows + 1) if start < stop else range(0)
@@ -312,18 +355,16 @@ class EntryReader:
         return block
 
     def _read_whole_shard(self, name: str, shard: int, decoder: ShardDecoder, rows: int) -> np.ndarray:
-        """The fast path: one GET, its length checked against the commit record, one decode."""
+        """The fast path for a committed shard: one GET, its length checked against the commit
+        record (a missing or resized object is :class:`CorruptEntry`), one decode."""
         path = shard_object_path(self.key, self._specs[name], shard)
         data = self.backend.read_buffer(path)
-        committed = self._check_size(name, shard, None if data is None else len(data)) is not None
-        if data is None:  # not committed either: an incomplete entry's unwritten shard
-            raise FileNotFoundError(f"entry {self.key}: shard {shard} of {name!r} is not written yet; "
-                                    f"run `featurestore verify {self.backend.url} {self.key}`")
+        self._check_size(name, shard, None if data is None else len(data))
+        if data is None:  # a record without this array's size
+            raise self._corrupt(name, shard, f"object {path} is missing from the store")
         try:
             return decoder.decode(data, rows)
         except CorruptShard as exc:
-            if not committed:
-                raise
             raise self._corrupt(name, shard, f"object {path} does not decode: {exc}") from None
 
     def _decoder(self, name: str) -> ShardDecoder | None:
@@ -332,24 +373,68 @@ class EntryReader:
             self._decoders[name] = ShardDecoder.from_metadata(meta) if meta else None
         return self._decoders[name]
 
-    def read_rows(self, rows: Sequence[int] | np.ndarray, arrays: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Rows by index, in the order given (duplicates allowed); each needed inner chunk is read once."""
+    def read_rows(self, rows: Sequence[int] | np.ndarray, arrays: Sequence[str] | None = None,
+                  columns: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Rows by index, in the order given (duplicates allowed); of 2-D arrays only ``columns``
+        when given.
+
+        Per shard: one GET of the whole shard when the rows cover at least 1/WHOLE_SHARD_SHARE of
+        it, else runs of whole inner chunks as range reads (never zarr's fancy indexing, whose
+        index arrays are the size of the selection: gigabytes at GSF width). Shards are read in
+        parallel; memory beyond the result is a few shards.
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
             raise IndexError(f"row indices outside entry of {self.rows} rows")
+        names = self._names(arrays)
         unique, inverse = np.unique(rows, return_inverse=True)
-        shards = np.unique(self.layout.shard_of(unique))
-        out = {}
-        for name in self._names(arrays):
-            arr = self.array(name)
-            selection = (unique,) + (slice(None),) * (arr.ndim - 1)
-            out[name] = self._zarr_read(name, shards, lambda a: a.get_orthogonal_selection(selection))[inverse] \
-                if rows.size else np.empty((0,) + arr.shape[1:], arr.dtype)
-        return out
+        distinct = len(unique) == len(rows)
+        # where each unique row lands: directly in the result when rows do not repeat
+        target = np.argsort(rows, kind="stable") if distinct else np.arange(len(unique))
+        def gather(block: np.ndarray, at: np.ndarray) -> np.ndarray:
+            return block[np.ix_(at, columns)] if columns is not None and block.ndim == 2 else block[at]
 
-    def read_span(self, span: Span, arrays: Sequence[str] | None = None) -> Block:
-        data = self.read_range(span.start, span.stop, arrays)
-        return Block(np.arange(span.start, span.stop, dtype=np.int64), np.full(len(span), span.pad), data)
+        def read(piece: tuple[np.ndarray, int, int]) -> None:
+            picked, start, stop = piece
+            block = self.read_range(start, stop, names)
+            for name in names:
+                out[name][target[picked]] = gather(block[name], unique[picked] - start)
+
+        pieces = self._pieces(unique)
+        if len(pieces) == 1:  # one gather straight into the result, in the order asked
+            _, start, stop = pieces[0]
+            block = self.read_range(start, stop, names)
+            return {name: gather(block[name], rows - start) for name in names}
+        out = {}
+        for name in names:
+            spec = self._specs[name]
+            width = len(columns) if columns is not None and spec.width else spec.width
+            out[name] = np.empty((len(unique),) + ((width,) if spec.width else ()), spec.dtype)
+            self._decoder(name)  # open on this thread: metadata reads are not worth racing
+        if pieces:
+            with self._lock:
+                if self._read_pool is None:
+                    self._read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix=f"read-{self.key[:12]}")
+            list(self._read_pool.map(read, pieces))
+        return out if distinct else {name: values[inverse] for name, values in out.items()}
+
+    def _pieces(self, unique: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+        """``(positions into unique, start, stop)`` ranges to read for sorted distinct rows: whole
+        shards where the rows are dense, runs of at most RUN_CHUNKS inner chunks elsewhere."""
+        layout, pieces = self.layout, []
+        shard_of = layout.shard_of(unique)
+        for shard in np.unique(shard_of):
+            picked = np.flatnonzero(shard_of == shard)
+            start, stop = layout.shard_range(int(shard))
+            if len(picked) * WHOLE_SHARD_SHARE >= stop - start:
+                pieces.append((picked, start, stop))
+                continue
+            chunks = np.unique(unique[picked] // layout.chunk_rows)
+            breaks = np.flatnonzero((np.diff(chunks) != 1) | (np.arange(1, len(chunks)) % RUN_CHUNKS == 0)) + 1
+            for run in np.split(chunks, breaks):
+                a, b = int(run[0]) * layout.chunk_rows, min((int(run[-1]) + 1) * layout.chunk_rows, stop)
+                pieces.append((picked[(unique[picked] >= a) & (unique[picked] < b)], a, b))
+        return pieces
 
     # -- per-row status and documents ---------------------------------------------------------------
 
@@ -389,34 +474,21 @@ class EntryReader:
 
     def iter_epoch(self, world: World = World(), seed: int = 0, epoch: int = 0,
                    arrays: Sequence[str] | None = None, prefetch: int = 2, drop_last: bool = False,
-                   shuffle_rows: bool = True) -> Iterator[Block]:
-        """This reader's share of one epoch, one block per planned span (see partition.py).
-
-        Up to ``prefetch`` spans are read ahead on background threads, so memory stays bounded
-        by ``prefetch + 1`` shards. With ``shuffle_rows`` the rows inside each span are permuted
-        (seeded by seed, epoch and span), on top of the plan's per-epoch shard order.
-        """
-        spans = plan_for(world, self.rows, self.layout.shard_rows, seed, epoch, drop_last)
+                   window_blocks: int = 1) -> Iterator[Block]:
+        """This reader's share of one epoch (:func:`plan_shuffled` over the entry's shards), one
+        block per shuffle window of ``window_blocks`` shards, its rows permuted; dataloader worker
+        ``world.worker`` takes every ``world.num_workers``-th window of its rank. Up to
+        ``prefetch`` windows are read ahead on background threads, so memory stays bounded by
+        ``(prefetch + 1) · window_blocks`` shards."""
+        plan = plan_shuffled(self.layout.shard_of(np.arange(self.rows)), world, seed, epoch, window_blocks, drop_last)
         names = self._names(arrays)
-        for name in names:  # open on this thread: metadata reads are not worth racing
-            self._decoder(name)
-        pool = self._prefetch_pool(prefetch)
-        pending: deque = deque()
-        position = 0
-        try:
-            while position < len(spans) or pending:
-                while position < len(spans) and len(pending) < max(1, prefetch):
-                    pending.append(pool.submit(self.read_span, spans[position], names))
-                    position += 1
-                block = pending.popleft().result()
-                if shuffle_rows:
-                    first = int(block.rows[0]) if len(block) else 0
-                    order = np.random.default_rng([seed, epoch, first]).permutation(len(block))
-                    block = Block(block.rows[order], block.pad[order], {k: v[order] for k, v in block.arrays.items()})
-                yield block
-        finally:
-            for future in pending:  # a consumer that stops early leaves no reads running
-                future.cancel()
+
+        def load(window: slice) -> Block:
+            rows = plan.positions[window]
+            return Block(rows, plan.pad[window], self.read_rows(rows, names))
+
+        yield from read_ahead(plan.windows()[world.worker::world.num_workers], load, prefetch,
+                              self._prefetch_pool(prefetch))
 
     def _prefetch_pool(self, size: int) -> ThreadPoolExecutor:
         """One pool per reader, kept across epochs: starting threads per epoch costs real time."""
@@ -426,9 +498,10 @@ class EntryReader:
         return self._pool
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for pool in (self._pool, self._read_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._read_pool = None
 
     def __enter__(self) -> EntryReader:
         return self

@@ -12,6 +12,10 @@ Text forms (``dataset.split`` in every job config):
 * ``file:PATH``: the ids listed in PATH are test, every other row is train;
 * ``cv:K:FOLD[:SEED]``: K folds by hash of (seed, id); fold FOLD is test;
 * ``random:FRACTION:SEED``: ids whose hash of (seed, id) falls below FRACTION are test.
+
+A validation set is carved out of train the same way (:func:`validation_mask`), under a hash
+of its own, so it is independent of every test split above and stays the same for every
+student, seed and split that a train image belongs to.
 """
 
 from __future__ import annotations
@@ -92,7 +96,10 @@ class SplitSpec:
         return dataclasses.asdict(self)
 
 
-def id_hash(seed: int, image_ids: Sequence[str]) -> np.ndarray:
+VALIDATION_SALT = "validation"
+
+
+def id_hash(seed: int | str, image_ids: Sequence[str]) -> np.ndarray:
     """A uniform 64-bit number per id: the first 8 bytes of SHA-256 of ``"<seed>:<id>"``.
 
     A cryptographic hash rather than Python's ``hash`` so that folds are the same in every
@@ -102,6 +109,21 @@ def id_hash(seed: int, image_ids: Sequence[str]) -> np.ndarray:
     prefix, sha256 = f"{seed}:".encode(), hashlib.sha256
     digests = b"".join([sha256(prefix + i.encode()).digest()[:8] for i in image_ids])  # ~2× faster than int()s
     return np.frombuffer(digests, ">u8").astype(np.uint64)
+
+
+def below(hashes: np.ndarray, fraction: float) -> np.ndarray:
+    """Which of :func:`id_hash`'s numbers fall in the lowest ``fraction`` of their range."""
+    return hashes < np.uint64(int(fraction * 2**64))
+
+
+def validation_mask(image_ids: Sequence[str], fraction: float) -> np.ndarray:
+    """Which ids a validation set of ``fraction`` of them holds: those whose hash of
+    ``"validation:<id>"`` falls below ``fraction``. A pure function of each id alone, salted apart
+    from the ``cv``/``random`` hashes (their seeds are integers), so carving validation out of a
+    split's train images never correlates with which images that split tests on."""
+    if not 0 <= fraction < 1:
+        raise SplitError(f"validation fraction must be in [0, 1), got {fraction!r}")
+    return below(id_hash(VALIDATION_SALT, image_ids), fraction)
 
 
 def _read_local(path: str) -> str:
@@ -136,7 +158,7 @@ def assign_splits(spec: SplitSpec, image_ids: Sequence[str], official: Sequence[
     elif spec.kind == "cv":
         test = id_hash(spec.seed, image_ids) % np.uint64(spec.k) == np.uint64(spec.fold)
     else:
-        test = id_hash(spec.seed, image_ids) < np.uint64(int(spec.fraction * 2**64))
+        test = below(id_hash(spec.seed, image_ids), spec.fraction)
     splits = np.full(len(test), "train", object)
     splits[test] = "test"
     return splits

@@ -6,9 +6,10 @@
 Each stage reuses what the store already holds (``ray_jobs.stages.pipeline``). Progress goes to
 stderr. The last stdout line is JSON: report, table, extract (entry, forward_passes, reused,
 computed_rows, seconds), distill (entry, reused, test, seconds), splits (one knowledge entry
-per split), students (one per experiment: name, loss, seed, backbone, reused, metrics,
-checkpoint, seconds), trained, reused_students, failed, seconds. ``--check`` prints the plan
-instead (what would be reused and computed) and runs nothing.
+per split), teacher_seeds (one distiller fit per ``teacher_seeds`` seed: seed, split, entry,
+reused, metrics, seconds), students (one per experiment: name, loss, seed, backbone, reused,
+metrics, checkpoint, seconds), trained, reused_students, failed, seconds. ``--check`` prints
+the plan instead (what would be reused and computed, teacher seed fits included) and runs nothing.
 """
 
 import dataclasses

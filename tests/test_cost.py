@@ -28,3 +28,15 @@ def test_teacher_cost_is_the_sum_over_backbones_and_grows_with_the_image():
     _, g_large = teacher_cost(["tf_efficientnet_lite0", "tf_efficientnet_lite1"], 192, 320)
     assert g_large / g == pytest.approx(4, rel=0.05)  # convolutions scale with the pixel count
     assert not any(p.is_meta for p in extractor.parameters()) and torch.is_grad_enabled()
+
+
+def test_a_multimodal_students_cost_includes_its_tag_branch():
+    from trainers.student import SEMANTIC_WIDTH
+
+    plain = StudentSpec(backbone="resnet18", view="resize:64", feature_width=16)
+    multimodal = StudentSpec(backbone="resnet18", view="resize:64", feature_width=16, semantic="multimodal",
+                             tag_width=66)
+    (p_params, p_gflops), (m_params, m_gflops) = student_cost(plain), student_cost(multimodal)
+    branch = 66 * SEMANTIC_WIDTH + SEMANTIC_WIDTH + SEMANTIC_WIDTH * SEMANTIC_WIDTH + SEMANTIC_WIDTH
+    assert m_params - p_params == branch + SEMANTIC_WIDTH * 10  # the branch, and the head's wider input
+    assert (m_gflops - p_gflops) * 1e9 == pytest.approx(66 * SEMANTIC_WIDTH + SEMANTIC_WIDTH ** 2 + SEMANTIC_WIDTH * 10)

@@ -220,3 +220,43 @@ def test_an_unknown_config_key_exits_2_naming_it(name, args, key):
 def test_a_missing_checkpoint_is_one_clear_error(data, tmp_path):
     proc = job("evaluate", f"checkpoint={tmp_path / 'nope'}", f"dataset.path={data}")
     assert proc.returncode == 2 and "no student.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_multimodal_student_is_scored_with_each_images_own_tags(data, tmp_path):
+    """Evaluation and prediction give a multi-modal student (Table XII) each image's two-hot tags
+    from the dataset: the predictions are those of the model fed the tags written in AVA.txt."""
+    from ray_jobs.stages.dataset_input import DatasetConfig
+    from ray_jobs.stages.evaluate import EvaluateConfig, evaluate as evaluate_stage
+    from ray_jobs.stages.predict import PredictConfig, predict as predict_stage
+    from trainers.labels import LabelError
+    from trainers.student import score_images
+
+    spec = StudentSpec("resnet18", view="resize:64", feature_width=16, semantic="multimodal", tag_width=3, seed=1)
+    model = build_student(spec)
+    ckpt = save_student(tmp_path / "mm-ckpt", model, spec)
+    scored = evaluate_stage(EvaluateConfig(checkpoint=str(ckpt), dataset=DatasetConfig(path=str(data)), split="test",
+                                           batch_size=4, output=str(tmp_path / "e.csv")))
+    assert scored.n == 5 and scored.failed == 1  # the corrupt test image
+    _, tag_sets = ava_columns(data)
+    by_hand = np.zeros((scored.n, 3), np.float32)
+    for row, image_id in enumerate(scored.images.image_ids):
+        for tag in tag_sets[image_id]:
+            by_hand[row, tag - 1] = 1.0
+    assert len({tuple(v) for v in by_hand}) == 3  # the images' tags differ, so a misalignment shows
+    expected = score_images(model, list(scored.images.uris), tags=by_hand)
+    np.testing.assert_allclose(scored.images.pred, expected.output, rtol=1e-5, atol=1e-6)
+
+    # predict: the same images from a CSV with tag columns give the same distributions
+    fields = {line.split()[1]: line.split() for line in (data / "AVA.txt").read_text().splitlines()}
+    (tmp_path / "tagged.csv").write_text("image,tag1,tag2\n" + "".join(
+        f"{uri},{fields[i][12]},{fields[i][13]}\n" for i, uri in zip(scored.images.image_ids, scored.images.uris)))
+    out = predict_stage(PredictConfig(checkpoint=str(ckpt), images=str(tmp_path / "tagged.csv"),
+                                      output=str(tmp_path / "p.csv")))
+    assert out.n == 5 and out.failed == 0
+    rows = read_csv(tmp_path / "p.csv")
+    np.testing.assert_allclose([[float(r[f"p{k}"]) for k in range(1, 11)] for r in rows], expected.output, atol=2e-6)
+    # images without tags cannot be scored by it: one clear error, before any image is read
+    (tmp_path / "untagged.csv").write_text("image\n" + "".join(f"{u}\n" for u in scored.images.uris))
+    with pytest.raises(LabelError, match=r"has no semantic tags, which a multimodal student reads with each image"):
+        predict_stage(PredictConfig(checkpoint=str(ckpt), images=str(tmp_path / "untagged.csv"),
+                                    output=str(tmp_path / "q.csv")))

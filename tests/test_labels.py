@@ -14,7 +14,8 @@ import torch
 from featurestore import specs
 from featurestore.dataset_table import DatasetTable, hashes_from_hex
 from featurestore.errors import UserError
-from trainers.labels import (LABELS, LOSSES, NUM_BINS, LabelError, check_loss, evaluate_label, labelled_rows,
+from trainers.labels import (LABELS, LOSSES, NUM_BINS, LabelError, check_loss, check_tags, scoring_tags, tag_width,
+                             two_hot, evaluate_label, labelled_rows,
                              output_width, prediction, scores_of, table_targets, targets_for)
 from trainers.losses import KINDS
 from trainers.metrics import evaluate, evaluate_scores
@@ -113,10 +114,10 @@ def test_targets_need_the_labels_they_are_made_of():
 # ---- losses per label -----------------------------------------------------------------------
 
 
-#: Written out from the paper: EMD kinds (eq. 2–3, 7, 10, 11, Table VI) need a distribution,
-#: BCE (eq. 12) a binary label, MSE (eq. 13) a score.
+#: Written out from the paper: EMD kinds (eq. 2–3, 7, 9, 10, 11, Tables VI, XII) need a
+#: distribution, BCE (eq. 12) a binary label, MSE (eq. 13) a score.
 FITS = {("distribution", k) for k in ("baseline", "kd", "kd_feature_only", "kd_output_only", "mixed_loss",
-                                      "mixed_label")} | {("binary", "bce"), ("binary", "bce_baseline"),
+                                      "mixed_label", "multitask")} | {("binary", "bce"), ("binary", "bce_baseline"),
                                                          ("score", "mse"), ("score", "mse_baseline")}
 
 
@@ -176,6 +177,51 @@ def test_evaluate_label_per_kind():
                                                                                gt_mean), "emd": None}
     assert evaluate_label("score", gt_mean + 0.5, gt_mean) == evaluate_scores(gt_mean + 0.5, gt_mean)
     assert evaluate_label("binary", np.array([0.9, 0.1, 0.6]), np.array([1.0, 0.0, 0.0])) == {"n": 3, "acc": 2 / 3}
+
+
+# ---- semantic tags (Table XII) --------------------------------------------------------------
+
+
+def tagged(tags, names=((1, "Abstract"), (2, "Animals"), (3, "Architecture"), (4, "Urban"))) -> DatasetTable:
+    base = table(splits=SPLITS[:len(tags)], votes=VOTES[:len(tags)])
+    return DatasetTable(**{**base.__dict__, "tags": np.array(tags, np.int64), "tag_names": tuple(names)})
+
+
+def test_two_hot_sets_the_entry_of_each_tag_id_and_none_for_zero():
+    got = two_hot(np.array([[1, 4], [3, 0], [0, 0], [2, 2]]), 4)
+    np.testing.assert_array_equal(got, [[1, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]])
+    assert got.dtype == np.float32
+    with pytest.raises(LabelError, match="tag id 5 is outside 1..4"):
+        two_hot(np.array([[5, 1]]), 4)
+    with pytest.raises(LabelError, match="tag id -1"):
+        two_hot(np.array([[-1, 1]]), 4)
+
+
+def test_tag_width_is_the_datasets_not_a_splits():
+    # the rows use only tags 1 and 2, tags.txt names 4: the width is 4 whatever a split contains
+    assert tag_width(tagged([[1, 2], [2, 0], [1, 0]])) == 4
+    assert tag_width(tagged([[1, 2], [7, 0]])) == 7  # an id beyond the names (a CSV) widens it
+    assert tag_width(tagged([[1, 2], [3, 0]], names=())) == 3  # no names: the largest id used
+    assert check_tags(tagged([[1, 2]]), "multimodal", "baseline") == 4
+    assert check_tags(tagged([[1, 2]]), None, "multitask") == 4
+    assert check_tags(table(), None, "kd") == 0  # uses no tags: none needed
+
+
+def test_tags_needed_but_missing_are_one_clear_error_naming_the_dataset_and_the_keys():
+    with pytest.raises(LabelError, match=r"dataset 'hand' has no semantic tags, which student.semantic=multimodal "
+                                         r"and loss 'multitask' needs; use a dataset with tags"):
+        check_tags(table(), "multimodal", "multitask")
+    with pytest.raises(LabelError, match=r"which loss 'multitask' needs"):
+        check_tags(tagged([[0, 0]], names=()), None, "multitask")  # tag columns, but no tag at all
+    with pytest.raises(LabelError, match=r"student.semantic 'text' is not one of multimodal"):
+        check_tags(tagged([[1, 0]]), "text", "baseline")
+    with pytest.raises(LabelError, match=r"'multitask' does not fit label 'binary' \(it trains a 'distribution'"):
+        check_loss("binary", "multitask")
+    with pytest.raises(LabelError, match=r"dataset 'photos' has no semantic tags, which a multimodal student reads"):
+        scoring_tags("photos", None, 4)
+    with pytest.raises(LabelError, match=r"dataset 'photos': tag id 9 is outside 1..4"):
+        scoring_tags("photos", [(1, 9)], 4)
+    np.testing.assert_array_equal(scoring_tags("photos", [(1, 3)], 4), [[1, 0, 1, 0]])
 
 
 def test_labels_import_no_torch():

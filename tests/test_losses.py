@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainers.labels import LOSSES
+from trainers.labels import two_hot
 from trainers.losses import (KINDS, LossSpec, StudentOutputs, Targets, bce_loss, emd_loss, feature_mse, score_mse,
-                             student_loss)
+                             student_loss, tag_bce)
 
 BINS = 10
 LABEL_OF = {kind: label for label, kinds in LOSSES.items() for kind in kinds}
@@ -62,6 +63,11 @@ def ref_bce(target, logits, w=None) -> float:
         return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
     vals = [-(y * log_sigmoid(x) + (1 - y) * log_sigmoid(-x)) for y, x in zip(target, logits)]
     return ref_weighted_mean(vals, w)
+
+
+def ref_tag_bce(target, logits, w=None) -> float:
+    """Eq. 9's BCE term: per image the mean BCE over its tag-vector entries, then the batch mean."""
+    return ref_weighted_mean([ref_bce(y_row, x_row) for y_row, x_row in zip(target, logits)], w)
 
 
 def ref_score_mse(target, pred, w=None) -> float:
@@ -171,10 +177,16 @@ def test_bce_on_logits_is_stable_for_confident_wrong_predictions():
 # ---- student loss recipes --------------------------------------------------------------------
 
 
+TAG_IDS = 5  # width of the two-hot tag vectors of ``batch``
+
+
 def batch(rng: np.random.Generator, kind: str, b: int = 6, f: int = 8):
-    """Student outputs (leaf tensors needing grad) and targets for ``kind``'s label type."""
+    """Student outputs (leaf tensors needing grad) and targets for ``kind``'s label type, with tag
+    logits and two-hot tags (only ``multitask`` reads them)."""
     fs = torch.tensor(rng.normal(size=(b, f)), requires_grad=True)
     ft = t(rng.normal(size=(b, f)))
+    tag_logits = torch.tensor(rng.normal(size=(b, TAG_IDS)), requires_grad=True)
+    tags = t(two_hot(rng.integers(0, TAG_IDS + 1, size=(b, 2)), TAG_IDS))
     if LABEL_OF[kind] == "binary":
         pred = torch.tensor(rng.normal(size=b), requires_grad=True)
         gt, teacher = t(rng.integers(0, 2, size=b)), t(rng.uniform(size=b))
@@ -187,7 +199,8 @@ def batch(rng: np.random.Generator, kind: str, b: int = 6, f: int = 8):
         pred = torch.tensor(rng.normal(size=(b, BINS)), requires_grad=True)  # logits; D_s = softmax
         gt, teacher = t(random_dists(rng, b)), t(random_dists(rng, b))
         student_view = pred.softmax(-1)
-    return pred, StudentOutputs(prediction=student_view, feature=fs), Targets(gt, teacher, ft)
+    return pred, StudentOutputs(prediction=student_view, feature=fs, tag_logits=tag_logits), \
+        Targets(gt, teacher, ft, tags)
 
 
 def reference_total(kind, spec, out: StudentOutputs, tgt: Targets, w=None) -> tuple[float, dict[str, float]]:
@@ -222,6 +235,9 @@ def reference_total(kind, spec, out: StudentOutputs, tgt: Targets, w=None) -> tu
     if kind == "bce_baseline":
         terms = {"bce_gt": ref_bce(gt, ds, w)}
         return ow * terms["bce_gt"], terms
+    if kind == "multitask":  # eq. 9: EMD on the ratings + BCE on the two-hot tag vector, weight 1
+        terms = {"emd_gt": emd_gt(), "tag_bce": ref_tag_bce(tgt.tags.numpy(), out.tag_logits.detach().numpy(), w)}
+        return ow * terms["emd_gt"] + terms["tag_bce"], terms
     if kind == "mse":  # eq. 13
         terms = {"mse_teacher": ref_score_mse(teacher, ds, w), "feature_mse": feat}
         return ow * terms["mse_teacher"] + fw * feat, terms
@@ -251,7 +267,7 @@ def test_each_kind_supervises_the_output_with_the_loss_of_its_label(kind):
     distribution, BCE for a binary label, MSE on scores for a score."""
     _, out, tgt = batch(np.random.default_rng(4), kind)
     _, terms = student_loss(LossSpec(kind), out, tgt)
-    output_losses = {name.split("_", 1)[0] for name in terms if name != "feature_mse"}
+    output_losses = {name.split("_", 1)[0] for name in terms if name not in ("feature_mse", "tag_bce")}
     assert output_losses == {{"distribution": "emd", "binary": "bce", "score": "mse"}[LABEL_OF[kind]]}
 
 
@@ -274,8 +290,8 @@ def test_student_loss_masks_padding_rows(kind):
     _, out, tgt = batch(rng, kind, b=7)
     w = torch.tensor([1, 1, 1, 1, 1, 0, 0], dtype=torch.bool)
     total, _ = student_loss(LossSpec(kind), out, tgt, weight=w)
-    real = StudentOutputs(out.prediction[:5], out.feature[:5])
-    real_tgt = Targets(tgt.gt[:5], tgt.teacher_prediction[:5], tgt.teacher_feature[:5])
+    real = StudentOutputs(out.prediction[:5], out.feature[:5], out.tag_logits[:5])
+    real_tgt = Targets(tgt.gt[:5], tgt.teacher_prediction[:5], tgt.teacher_feature[:5], tgt.tags[:5])
     expected, _ = student_loss(LossSpec(kind), real, real_tgt)
     assert total.item() == pytest.approx(expected.item(), rel=1e-12)
 
@@ -312,3 +328,38 @@ def test_missing_supervision_is_named():
         student_loss(LossSpec("kd"), StudentOutputs(out.prediction), tgt)
     with pytest.raises(ValueError, match="targets.gt"):
         student_loss(LossSpec("baseline"), out, Targets(teacher_prediction=tgt.teacher_prediction))
+
+
+def test_multitask_is_emd_plus_bce_on_the_two_hot_tags_by_hand():
+    """Eq. 9 on two images, every number written out: EMD of the ratings + BCE of the tag vector."""
+    probs = np.array([[0.1, 0.2, 0.3, 0.4] + [0.0] * 6, [0.0] * 6 + [0.25] * 4])
+    gt = np.array([[0.25] * 4 + [0.0] * 6, [0.0] * 9 + [1.0]])
+    # image 0 has tags 1 and 3, image 1 only tag 2, of 3 tag ids
+    tags = two_hot(np.array([[1, 3], [2, 0]]), 3)
+    np.testing.assert_array_equal(tags, [[1, 0, 1], [0, 1, 0]])
+    logits = np.array([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+
+    emd = np.mean([np.sqrt(np.mean((np.cumsum(p) - np.cumsum(g)) ** 2)) for p, g in zip(probs, gt)])
+    sig = 1 / (1 + np.exp(-logits))
+    bce = np.mean(-(tags * np.log(sig) + (1 - tags) * np.log(1 - sig)))  # 6 entries, 3 per image
+    total, terms = student_loss(LossSpec("multitask"), StudentOutputs(t(probs), tag_logits=t(logits)),
+                                Targets(gt=t(gt), tags=t(tags)))
+    assert terms["emd_gt"].item() == pytest.approx(emd, rel=1e-12)
+    assert terms["tag_bce"].item() == pytest.approx(bce, rel=1e-12)
+    assert total.item() == pytest.approx(emd + bce, rel=1e-12)
+    # output_weight scales the aesthetic term only (eq. 9 has no weight on the tag term)
+    scaled, _ = student_loss(LossSpec("multitask", output_weight=2.0), StudentOutputs(t(probs), tag_logits=t(logits)),
+                             Targets(gt=t(gt), tags=t(tags)))
+    assert scaled.item() == pytest.approx(2 * emd + bce, rel=1e-12)
+    assert tag_bce(t(tags), t(logits), weight=t([0.0, 1.0])).item() == pytest.approx(
+        np.mean(-(tags[1] * np.log(sig[1]) + (1 - tags[1]) * np.log(1 - sig[1]))), rel=1e-12)
+
+
+def test_multitask_names_missing_tags_and_tag_logits():
+    _, out, tgt = batch(np.random.default_rng(9), "multitask")
+    with pytest.raises(ValueError, match="targets.tags"):
+        student_loss(LossSpec("multitask"), out, Targets(gt=tgt.gt))
+    with pytest.raises(ValueError, match="outputs.tag_logits"):
+        student_loss(LossSpec("multitask"), StudentOutputs(out.prediction), tgt)
+    with pytest.raises(ValueError, match="tag BCE"):
+        tag_bce(tgt.tags[:, :3], out.tag_logits)

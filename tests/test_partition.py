@@ -1,8 +1,7 @@
-"""Properties of the epoch partition plan over many (rows, shard size, world, workers, seed, epoch)."""
+"""Properties of the epoch partition plan over many (rows, block size, world, window, seed, epoch)."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 from hypothesis import assume, given, settings
@@ -10,76 +9,7 @@ from hypothesis import strategies as st
 
 import numpy as np
 
-from featurestore.partition import World, plan_epoch, plan_for, plan_shuffled, rows_per_rank, shard_order
-
-plans = st.tuples(st.integers(0, 600), st.integers(1, 70), st.integers(1, 9), st.integers(1, 4),
-                  st.integers(0, 2**32 - 1), st.integers(0, 50))
-
-
-def rows_of(spans):
-    return [r for s in spans for r in range(s.start, s.stop)]
-
-
-@settings(max_examples=300, deadline=None)
-@given(plans)
-def test_pad_mode_reads_every_row_exactly_once_with_equal_rank_counts(params):
-    rows, shard_rows, world, workers, seed, epoch = params
-    plan = plan_epoch(rows, shard_rows, world, workers, seed, epoch)
-    real = Counter(r for rank in plan for worker in rank for s in worker if not s.pad for r in range(s.start, s.stop))
-    assert sorted(real) == list(range(rows)) and set(real.values()) <= {1}
-    counts = [sum(len(s) for worker in rank for s in worker) for rank in plan]
-    assert counts == [math.ceil(rows / world)] * world
-    pads = sum(len(s) for rank in plan for worker in rank for s in worker if s.pad)
-    assert pads == (world * math.ceil(rows / world) - rows if rows else 0)
-
-
-@settings(max_examples=300, deadline=None)
-@given(plans)
-def test_drop_mode_reads_rows_at_most_once_and_drops_fewer_than_world(params):
-    rows, shard_rows, world, workers, seed, epoch = params
-    plan = plan_epoch(rows, shard_rows, world, workers, seed, epoch, drop_last=True)
-    seen = [r for rank in plan for worker in rank for r in rows_of(worker)]
-    assert len(seen) == len(set(seen)) == world * (rows // world)
-    assert all(not s.pad for rank in plan for worker in rank for s in worker)
-    assert [sum(len(s) for w in rank for s in w) for rank in plan] == [rows // world] * world
-
-
-@settings(max_examples=200, deadline=None)
-@given(plans)
-def test_spans_stay_inside_shards_and_workers_are_balanced(params):
-    rows, shard_rows, world, workers, seed, epoch = params
-    for rank in plan_epoch(rows, shard_rows, world, workers, seed, epoch):
-        sizes = [sum(len(s) for s in worker) for worker in rank]
-        assert max(sizes) - min(sizes) <= 1
-        for worker in rank:
-            for s in worker:
-                assert 0 <= s.start < s.stop <= rows
-                assert s.start // shard_rows == s.shard == (s.stop - 1) // shard_rows
-
-
-@settings(max_examples=100, deadline=None)
-@given(plans)
-def test_plan_is_a_pure_function_and_plan_for_matches(params):
-    rows, shard_rows, world, workers, seed, epoch = params
-    a = plan_epoch(rows, shard_rows, world, workers, seed, epoch)
-    assert a == plan_epoch(rows, shard_rows, world, workers, seed, epoch)
-    rank, worker = seed % world, epoch % workers
-    assert plan_for(World(rank, world, worker, workers), rows, shard_rows, seed, epoch) == a[rank][worker]
-
-
-def test_shard_order_changes_with_epoch_and_seed_but_is_a_permutation():
-    orders = {tuple(shard_order(20, seed, epoch)) for seed in range(3) for epoch in range(3)}
-    assert len(orders) == 9
-    assert all(sorted(o) == list(range(20)) for o in orders)
-
-
-def test_locality_whole_shards_mostly():
-    """With many rows per rank, a rank touches each of its shards in one span (plus ≤ 2 boundary pieces)."""
-    plan = plan_epoch(10_000, 100, 4, 1, seed=1, epoch=0)
-    for rank in plan:
-        shards = Counter(s.shard for s in rank[0])
-        assert sum(shards.values()) <= len(shards) + 2
-
+from featurestore.partition import World, plan_shuffled, rows_per_rank
 
 def test_world_indices():
     w = World(rank=5, world_size=8, worker=1, num_workers=2, ranks_per_node=4)

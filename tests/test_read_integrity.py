@@ -60,19 +60,14 @@ READS = {
     "read_range partial": lambda r: r.read_range(33, 40),
     "read_range whole shard": lambda r: r.read_range(32, 64),
     "read_range across shards": lambda r: r.read_range(0, ROWS),
-    "read_span": lambda r: r.read_span(next(s for s in _spans(r) if s.start == 32)),
+    "read_rows dense (whole shard)": lambda r: r.read_rows(np.arange(63, 31, -1)),
     "status": lambda r: r.status(),
     "failures": lambda r: r.failures(),
     "iter_epoch": lambda r: list(r.iter_epoch(World(), seed=1, prefetch=2)),
+    "iter_epoch windows of 2 shards": lambda r: list(r.iter_epoch(World(), seed=1, window_blocks=2)),
     "iter_epoch one worker of two": lambda r: [list(r.iter_epoch(World(0, 1, w, 2))) for w in (0, 1)],
     "zarr array": lambda r: r.array("gsf")[32:64],
 }
-
-
-def _spans(reader):
-    from featurestore.partition import plan_for
-
-    return plan_for(World(), reader.rows, reader.layout.shard_rows, 0, 0)
 
 
 def _match(array: str = "gsf", shard: int = DAMAGED) -> str:
@@ -167,7 +162,7 @@ def test_intact_entry_reads_bit_exact_every_way(store_url, codec, verify_checksu
             start, stop = reader.layout.shard_range(shard)
             assert np.array_equal(reader.read_range(start, stop)[name], expected[name][start:stop])
     assert np.array_equal(reader.read_range(33, 40)["gsf"], expected["gsf"][33:40])
-    blocks = list(reader.iter_epoch(World(), seed=3, shuffle_rows=True))
+    blocks = list(reader.iter_epoch(World(), seed=3, window_blocks=2))
     assert sorted(int(r) for b in blocks for r in b.rows) == list(range(ROWS))
     for b in blocks:
         assert np.array_equal(b.arrays["gsf"], expected["gsf"][b.rows])

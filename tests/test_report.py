@@ -231,3 +231,164 @@ def test_numpy_values_are_stored_as_plain_json():
     assert json.loads(json.dumps(values, default=report.plain)) == {"gt_mean": [5.5, 6.25], "srcc": 0.5, "params": 7}
     with pytest.raises(TypeError, match="set"):
         json.dumps({"x": {1}}, default=report.plain)
+
+
+# ---------------------------------------------------------------- Fig. 6 and Fig. 7
+
+SPLITS = ("cv:3:0:0", "cv:3:1:0", "cv:3:2:0")
+FIGURE_METRICS = ("srcc", "plcc", "acc")
+
+
+def signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "\u2212")
+
+
+def split_student(rng, backbone: str, loss: str, split: str, n_seeds: int) -> dict:
+    runs = [{"seed": seed, "seconds": 10.0, "reused": False,
+             "metrics": {"srcc": float(rng.uniform(0.2, 0.7)), "plcc": float(rng.uniform(0.2, 0.7)),
+                         "acc": float(rng.uniform(0.6, 0.8)), "emd": float(rng.uniform(0.05, 0.1))},
+             "gt_mean": [], "pred_mean": [], "per_category": [], "history": []} for seed in range(n_seeds)]
+    return {"name": f"Student {backbone}, {loss} [{split}]", "role": "student", "loss": loss,
+            "group": f"{backbone}@resize:64 [{split}]", "split": split, "input": "64×64",
+            "params": 3_000_000, "flops": 1e8, "runs": runs}
+
+
+def make_split_results(seed: int = 1, n_seeds: int = 2, splits=SPLITS) -> dict:
+    """Two students × (kd, baseline) on every split; the teacher row as the pipeline writes it."""
+    rng = np.random.default_rng(seed)
+    results = make_results(seed=seed)
+    results["models"] = [results["models"][0]] + [
+        split_student(rng, backbone, loss, split, n_seeds)
+        for backbone in ("lite0", "lite1") for split in splits for loss in ("kd", "baseline")]
+    return results
+
+
+def make_teacher_seeds(rng, n: int) -> list[dict]:
+    return [{"seed": seed, "split": "official", "entry": f"knowledge-{seed:04d}", "reused": seed % 2 == 0,
+             "metrics": {"n": 40, "srcc": float(rng.uniform(0.6, 0.62)), "plcc": float(rng.uniform(0.6, 0.62)),
+                         "acc": float(rng.uniform(0.7, 0.72)), "emd": float(rng.uniform(0.05, 0.06))}}
+            for seed in range(n)]
+
+
+def section(text: str, heading: str) -> str:
+    """The markdown between ``## heading`` and the next ``## ``."""
+    start = text.index(f"## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else None]
+
+
+def section_tables(text: str) -> list[list[list[str]]]:
+    """Every markdown table of ``text`` as its rows of cells (header first, separator dropped)."""
+    tables = [block for block in text.split("\n\n") if block.startswith("|")]
+    return [[row for i, row in enumerate(table_rows(block)) if i != 1] for block in tables]
+
+
+def run_metric(model: dict, metric: str) -> list[float]:
+    return [run["metrics"][metric] for run in model["runs"]]
+
+
+def test_fig6_per_split_gains_bars_and_range(tmp_path):
+    results = make_split_results()
+    by_key = {(m["group"].split(" [")[0], m["loss"], m["split"]): m for m in results["models"] if m["role"] == "student"}
+    written = report.write_report(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert str(tmp_path / "splits.png") in written["plots"] and "](splits.png)" in text
+    check_png(tmp_path / "splits.png")
+
+    [table] = section_tables(section(text, "KD vs baseline per split (Fig. 6)"))
+    header, *rows = table
+    assert header == ["Student", "Loss", "Split", "SRCC", "Baseline SRCC", "SRCC gain", "PLCC gain", "Acc gain"]
+    assert sorted((r[0], r[1], r[2]) for r in rows) == sorted(
+        (student, "kd", split) for student in ("lite0@resize:64", "lite1@resize:64") for split in SPLITS)
+    for student, loss, split, srcc, baseline_srcc, *gains in rows:
+        kd, baseline = by_key[(student, loss, split)], by_key[(student, "baseline", split)]
+        assert srcc == independent_cell(run_metric(kd, "srcc"))
+        assert baseline_srcc == independent_cell(run_metric(baseline, "srcc"))
+        assert gains == [signed(np.mean(run_metric(kd, m)) - np.mean(run_metric(baseline, m))) for m in FIGURE_METRICS]
+
+    for student in ("lite0@resize:64", "lite1@resize:64"):
+        srcc = [np.mean(run_metric(by_key[(student, "kd", s)], "srcc"))
+                - np.mean(run_metric(by_key[(student, "baseline", s)], "srcc")) for s in SPLITS]
+        [line] = [line for line in text.splitlines() if f"kd vs baseline ({student}) over 3 splits" in line]
+        assert f"from {signed(min(srcc))} to {signed(max(srcc))} (mean {signed(np.mean(srcc))})" in line
+        assert f"positive on {sum(g > 0 for g in srcc)} of 3" in line
+        for metric, label in (("plcc", "PLCC"), ("acc", "Acc")):
+            gains = [np.mean(run_metric(by_key[(student, "kd", s)], metric))
+                     - np.mean(run_metric(by_key[(student, "baseline", s)], metric)) for s in SPLITS]
+            assert f"{label} from {signed(min(gains))} to {signed(max(gains))}." in line
+
+    # the sidecar holds exactly the bars drawn: per student, per loss, SRCC mean and sd per split
+    bars = json.loads((tmp_path / "splits.json").read_text())
+    assert [b["student"] for b in bars] == ["lite0@resize:64", "lite1@resize:64"]
+    for student in bars:
+        assert student["splits"] == list(SPLITS)
+        assert [series["loss"] for series in student["bars"]] == ["baseline", "kd"]
+        for series in student["bars"]:
+            models = [by_key[(student["student"], series["loss"], s)] for s in SPLITS]
+            assert series["mean"] == pytest.approx([np.mean(run_metric(m, "srcc")) for m in models])
+            assert series["sd"] == pytest.approx([np.std(run_metric(m, "srcc"), ddof=1) for m in models])
+
+
+def test_fig6_with_one_seed_has_no_spread_and_one_split_has_no_figure(tmp_path):
+    results = make_split_results(n_seeds=1, splits=SPLITS[:2])
+    report.write_report(results, tmp_path / "two")
+    for student in json.loads((tmp_path / "two" / "splits.json").read_text()):
+        assert all(series["sd"] == [None, None] for series in student["bars"])
+    check_png(tmp_path / "two" / "splits.png")
+
+    single = make_split_results(splits=SPLITS[:1])  # the pipeline's one-split run: a split, no figure
+    written = report.write_report(single, tmp_path / "one")
+    text = (tmp_path / "one" / "report.md").read_text()
+    assert len(written["plots"]) == 3 and "Fig. 6" not in text and "over 1 splits" not in text
+    assert not (tmp_path / "one" / "splits.png").exists() and not (tmp_path / "one" / "splits.json").exists()
+
+
+def test_fig7_teacher_seed_box_plots_and_ranges(tmp_path):
+    rng = np.random.default_rng(7)
+    results = make_results()
+    results["teacher_seeds"] = make_teacher_seeds(rng, 5)
+    written = report.write_report(results, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert str(tmp_path / "teacher_seeds.png") in written["plots"] and "](teacher_seeds.png)" in text
+    check_png(tmp_path / "teacher_seeds.png")
+    assert "Fig. 6" not in text  # one split: no per-split section
+
+    ranges, fits = section_tables(section(text, "Teacher over training seeds (Fig. 7)"))
+    assert ranges[0] == ["Metric", "Seeds", "Min", "Max", "Range", "Mean ± sd"]
+    assert [row[0] for row in ranges[1:]] == ["SRCC", "PLCC", "Acc", "EMD"]
+    for row, metric in zip(ranges[1:], ("srcc", "plcc", "acc", "emd")):
+        values = np.array([fit["metrics"][metric] for fit in results["teacher_seeds"]])
+        assert row[1:] == ["5", f"{values.min():.3f}", f"{values.max():.3f}", f"{values.max() - values.min():.3f}",
+                           independent_cell(values.tolist())]
+    assert [row[0] for row in fits[1:]] == ["0", "1", "2", "3", "4"]
+    for row, fit in zip(fits[1:], results["teacher_seeds"]):
+        assert row[1:5] == [f"{fit['metrics'][m]:.3f}" for m in ("srcc", "plcc", "acc", "emd")]
+        assert row[5] == f"`{fit['entry']}`" + (" (reused)" if fit["reused"] else "")
+    drawn = json.loads((tmp_path / "teacher_seeds.json").read_text())
+    assert drawn == {m: [fit["metrics"][m] for fit in results["teacher_seeds"]] for m in FIGURE_METRICS}
+
+
+def test_fig7_without_a_metric_and_against_the_split_gains(tmp_path):
+    rng = np.random.default_rng(3)
+    results = make_split_results()
+    results["teacher_seeds"] = make_teacher_seeds(rng, 4)
+    for fit in results["teacher_seeds"]:  # a binary-label teacher scores accuracy only
+        fit["metrics"] = {"n": 40, "acc": fit["metrics"]["acc"]}
+    report.write_report(results, tmp_path / "acc")
+    text = (tmp_path / "acc" / "report.md").read_text()
+    ranges, _ = section_tables(section(text, "Teacher over training seeds (Fig. 7)"))
+    assert [row[0] for row in ranges[1:]] == ["Acc"]
+    assert json.loads((tmp_path / "acc" / "teacher_seeds.json").read_text())["srcc"] == []
+    check_png(tmp_path / "acc" / "teacher_seeds.png")
+    assert "varies by" not in text  # no SRCC range to hold the gains against
+
+    results["teacher_seeds"] = make_teacher_seeds(rng, 4)
+    report.write_report(results, tmp_path / "all")
+    text = (tmp_path / "all" / "report.md").read_text()
+    srcc = [fit["metrics"]["srcc"] for fit in results["teacher_seeds"]]
+    spread = max(srcc) - min(srcc)
+    students = {(m["group"], m["loss"]): m for m in results["models"] if m["role"] == "student"}
+    gains = [np.mean(run_metric(m, "srcc")) - np.mean(run_metric(students[(group, "baseline")], "srcc"))
+             for (group, loss), m in students.items() if loss == "kd"]
+    assert (f"The teacher's SRCC varies by {spread:.3f} over 4 training seeds; "
+            f"{sum(g > spread for g in gains)} of {len(gains)} per-split SRCC improvements exceed that.") in text

@@ -1,5 +1,6 @@
 """Split specs: parsing, and assignments that depend on each image's id alone."""
 
+import dataclasses
 import hashlib
 import re
 
@@ -142,3 +143,51 @@ def test_a_missing_or_empty_file_is_refused_by_path(tmp_path):
     empty.write_text(" \n")
     with pytest.raises(SplitError, match=re.escape(f"{empty} lists no image ids")):
         assign_splits(SplitSpec.parse(f"file:{empty}"), ["a"], [""])
+
+
+def test_validation_mask_is_a_salted_hash_threshold_independent_of_the_test_folds():
+    from featurestore.splits import validation_mask
+
+    held = validation_mask(IDS, 0.1)
+    expected = [int.from_bytes(hashlib.sha256(f"validation:{i}".encode()).digest()[:8], "big") < int(0.1 * 2**64)
+                for i in IDS]
+    assert held.tolist() == expected
+    assert abs(held.mean() - 0.1) < 0.02
+    assert validation_mask(IDS[::-1], 0.1).tolist() == held[::-1].tolist()  # each id alone decides
+    assert not validation_mask(IDS, 0.0).any()
+    for spec in (SplitSpec("random", fraction=0.1, seed=0), SplitSpec("cv", k=10, fold=0, seed=0)):
+        test = assign_splits(spec, IDS, NO_OFFICIAL) == "test"
+        # salted apart: the held-out share of a split's train images is the overall share
+        assert abs(held[~test].mean() - held.mean()) < 0.02 and (held & test).any() and (held & ~test).any()
+    with pytest.raises(SplitError, match=r"validation fraction must be in \[0, 1\), got 1.5"):
+        validation_mask(IDS, 1.5)
+
+
+def test_student_splits_carve_validation_from_train_or_take_the_datasets_val_split():
+    from featurestore.dataset_table import DatasetTable
+    from featurestore.dataset_table import hashes_from_hex
+    from featurestore.splits import validation_mask
+    from trainers.student_data import student_splits
+
+    n = 400
+    ids = np.array([f"im{i}" for i in range(n)], object)
+    table = DatasetTable(name="carve", image_ids=ids, uris=np.array([f"/d/{i}.jpg" for i in ids], object),
+                         sha256=hashes_from_hex([hashlib.sha256(i.encode()).hexdigest() for i in ids]),
+                         splits=np.array(["train", "train", "train", "test"] * (n // 4), object),
+                         votes=np.ones((n, 10), np.int64))
+    hashes = np.sort(table.sha256)
+    sets = student_splits(table, hashes, "distribution", 0.2)
+    train_rows = np.flatnonzero(table.splits == "train")
+    held = validation_mask(ids[train_rows], 0.2)
+    assert sorted(sets["val"].rows.tolist()) == train_rows[held].tolist()
+    assert sorted(sets["train"].rows.tolist()) == train_rows[~held].tolist()
+    assert sorted(sets["test"].rows.tolist()) == np.flatnonzero(table.splits == "test").tolist()
+    for part in sets.values():  # every field follows its rows
+        assert part.uris == tuple(table.uris[part.rows]) and (part.sha256 == table.sha256[part.rows]).all()
+        assert (hashes[part.knowledge_rows] == part.sha256).all() and len(part.targets) == len(part)
+    assert len(student_splits(table, hashes, "distribution", 0.0)["val"]) == 0
+    official = table.splits.copy()
+    official[:40] = "val"
+    given_val = student_splits(dataclasses.replace(table, splits=official), hashes, "distribution", 0.2)
+    assert sorted(given_val["val"].rows.tolist()) == list(range(40))  # the dataset's own val split wins
+    assert not set(given_val["train"].rows.tolist()) & set(range(40))

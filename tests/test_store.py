@@ -52,6 +52,25 @@ def test_rows_by_index_in_any_order_with_duplicates(store_url):
     assert np.array_equal(got["gsf"], expected["gsf"][rows])
 
 
+def test_read_rows_takes_whole_shards_where_dense_and_chunk_runs_elsewhere(store_url):
+    """Dense rows of shard 1 (32..63) and sparse rows of shards 0 and 3, shuffled, with duplicates
+    and with a column subset: equal to the rows picked from a plain range read, and the pieces
+    planned are one whole shard plus a run per sparse chunk group."""
+    store, key, expected = write_entry(store_url)
+    reader = store.open(key)
+    rng = np.random.default_rng(0)
+    dense = rng.choice(np.arange(32, 64), 20, replace=False)
+    rows = rng.permutation(np.r_[dense, [1, 2, 97, 98, 99]])
+    pieces = reader._pieces(np.unique(rows))
+    assert [(a, b) for _, a, b in pieces] == [(0, 8), (32, 64), (96, 100)]
+    columns = np.array([5, 0, 3])
+    for picked in (rows, np.r_[rows, rows[:7]]):
+        got = reader.read_rows(picked, ["gsf", "dist"], columns=columns)
+        assert np.array_equal(got["gsf"], expected["gsf"][picked][:, columns])
+        assert np.array_equal(got["dist"], expected["dist"][picked][:, columns])
+    assert reader.read_rows([], ["gsf"])["gsf"].shape == (0, expected["gsf"].shape[1])
+
+
 @pytest.mark.parametrize("codec", [None, {"name": "zstd", "level": 1},
                                    {"name": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}])
 def test_whole_shard_fast_path_matches_zarr(local_store_url, codec):
@@ -134,7 +153,8 @@ def test_documents_and_blobs_round_trip(store_url):
         reader.read_document("missing")
 
 
-def test_epoch_stream_covers_every_row_once_across_ranks(store_url):
+@pytest.mark.parametrize("window_blocks", [1, 3])
+def test_epoch_stream_covers_every_row_once_across_ranks(store_url, window_blocks):
     store, key, expected = write_entry(store_url)
     reader = store.open(key)
     world_size, workers = 3, 2
@@ -142,7 +162,8 @@ def test_epoch_stream_covers_every_row_once_across_ranks(store_url):
     for rank in range(world_size):
         count = 0
         for worker in range(workers):
-            for block in reader.iter_epoch(World(rank, world_size, worker, workers), seed=5, epoch=1, prefetch=2):
+            for block in reader.iter_epoch(World(rank, world_size, worker, workers), seed=5, epoch=1, prefetch=2,
+                                               window_blocks=window_blocks):
                 assert np.array_equal(block.arrays["gsf"], expected["gsf"][block.rows])
                 seen.extend(block.rows[~block.pad].tolist())
                 count += len(block)

@@ -17,9 +17,11 @@ from torch import nn
 
 from featurestore.dataset_table import DatasetTable, hashes_from_hex
 from trainers.cost import gflops
-from trainers.labels import LabelError
-from trainers.student import (SPEC_FILE, WEIGHTS_FILE, StudentError, StudentSpec, build_student, count_params,
-                              decoder_for, load_student, save_student, view_size)
+from trainers.labels import LabelError, two_hot
+from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
+from trainers.student import (SEMANTIC_WIDTH, SPEC_FILE, WEIGHTS_FILE, StudentError, StudentSpec, build_student,
+                              count_params, decoder_for, load_student, restore_student, save_student, score_images,
+                              view_size)
 from trainers.student_data import split_rows
 
 TINY = dict(backbone="resnet18", view="resize:64", feature_width=16)
@@ -222,3 +224,130 @@ def test_split_rows_are_the_labelled_rows_of_the_split_that_have_knowledge():
     assert len(split_rows(only_train, hashes, "test", "distribution")) == 0  # no test split: no validation rows
     with pytest.raises(LabelError, match="dataset 'rows': label=score needs vote counts or mean scores"):
         split_rows(dataclasses.replace(table, votes=None), hashes, "train", "score")
+
+
+# ---- semantic guidance (Table XII): the multi-modal branch and the multitask tag head ---------
+
+TAGGED = dict(TINY, semantic="multimodal", tag_width=4)
+
+
+def test_a_multimodal_student_reads_the_tags_and_its_visual_feature_does_not():
+    model = build_student(StudentSpec(**TAGGED))
+    x = images(3)
+    tags_a = torch.from_numpy(two_hot(np.array([[1, 3], [2, 0], [0, 0]]), 4))
+    tags_b = torch.from_numpy(two_hot(np.array([[4, 0], [2, 0], [1, 2]]), 4))  # image 1's tags unchanged
+    (f_a, logits_a), (f_b, logits_b) = model(x, tags_a), model(x, tags_b)
+    assert logits_a.shape == (3, 10) and model.head.in_features == 16 + SEMANTIC_WIDTH
+    assert torch.equal(f_a, f_b)  # f_s is the visual feature: the KD term compares it with f_t
+    assert not torch.allclose(logits_a[0], logits_b[0]) and not torch.allclose(logits_a[2], logits_b[2])
+    assert torch.equal(logits_a[1], logits_b[1])  # same image, same tags: same output
+    # the head reads both: its output is head(concat(f_s, the two FC layers' encoding of the tags))
+    expected = model.head(torch.cat([f_a, torch.relu(model.semantic[2](torch.relu(model.semantic[0](tags_a))))], 1))
+    torch.testing.assert_close(logits_a, expected)
+    with pytest.raises(StudentError, match=r"multimodal student needs two-hot tags \[3, 4\].*got none"):
+        model(x)
+    with pytest.raises(StudentError, match=r"got shape \(3, 5\)"):
+        model(x, torch.zeros(3, 5))
+
+
+def test_a_student_without_semantic_ignores_tags_and_keeps_its_shape():
+    plain = build_student(StudentSpec(**TINY))
+    x = images(2)
+    f_s, logits = plain(x)
+    for tags in (torch.zeros(2, 4), torch.ones(2, 4)):
+        f_t, logits_t = plain(x, tags)
+        assert torch.equal(f_s, f_t) and torch.equal(logits, logits_t)
+    assert not hasattr(plain, "semantic") and not hasattr(plain, "tag_head") and plain.head.in_features == 16
+
+
+def test_the_tag_head_predicts_the_tag_vector_from_the_visual_feature_and_every_weight_learns():
+    spec = StudentSpec(**{**TAGGED, "tag_head": True})
+    model = build_student(spec)
+    x, tags = images(3), torch.from_numpy(two_hot(np.array([[1, 3], [2, 0], [0, 0]]), 4))
+    f_s, logits, tag_logits = model(x, tags, predict_tags=True)
+    assert tag_logits.shape == (3, 4)
+    torch.testing.assert_close(tag_logits, model.tag_head(f_s))
+    assert torch.equal(model(x, tags)[1], logits)  # the aesthetic output is the same with or without
+    # multitask (eq. 9) reaches every parameter: DDP runs with find_unused_parameters=False
+    model.train()
+    f_s, logits, tag_logits = model(x, tags, predict_tags=True)
+    gt = torch.full((3, 10), 0.1)
+    total, _ = student_loss(LossSpec("multitask"), StudentOutputs(logits.softmax(1), f_s, tag_logits),
+                            Targets(gt=gt, tags=tags))
+    total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.raises(StudentError, match="predict_tags needs a student with a tag head"):
+        build_student(StudentSpec(**TAGGED))(x, tags, predict_tags=True)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"semantic": "text", "tag_width": 4}, "semantic 'text' is not one of multimodal"),
+    ({"semantic": "multimodal"}, "needs the dataset's tag width"),
+    ({"tag_head": True}, "needs the dataset's tag width"),
+    ({"tag_width": 4}, "any other has tag_width 0"),
+    ({"semantic": "multimodal", "tag_width": -1}, "tag_width must be a non-negative integer"),
+])
+def test_semantic_spec_validation_names_the_problem(fields, message):
+    with pytest.raises(StudentError, match=message):
+        StudentSpec(**{**TINY, **fields})
+
+
+def test_a_multimodal_multitask_checkpoint_round_trips_and_scores_the_same(tmp_path):
+    spec = StudentSpec(**{**TAGGED, "tag_head": True, "seed": 2})
+    model = build_student(spec)
+    tags = torch.from_numpy(two_hot(np.array([[1, 3], [2, 0], [0, 0], [4, 4]]), 4))
+    model.train()
+    f_s, logits, tag_logits = model(images(), tags, predict_tags=True)
+    (f_s.square().mean() + logits.square().mean() + tag_logits.square().mean()).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.eval()
+    save_student(tmp_path / "ckpt", model, spec)
+    loaded, loaded_spec, _ = load_student(tmp_path / "ckpt")
+    assert loaded_spec == spec and (loaded_spec.semantic, loaded_spec.tag_width, loaded_spec.tag_head) == (
+        "multimodal", 4, True)
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert {"semantic.0.weight", "semantic.2.weight", "tag_head.weight"} <= set(loaded.state_dict())
+    x = images(4, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(model(x, tags, predict_tags=True), loaded(x, tags, predict_tags=True)))
+    # the scoring path (evaluate, predict) reads image files and passes each its tags
+    uris = []
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(80 + 10 * i, 60))
+        uris.append(str(tmp_path / f"{i}.jpg"))
+    scored = score_images(loaded, uris, batch_size=3, tags=tags.numpy())
+    again = score_images(model, uris, batch_size=4, tags=tags.numpy())
+    assert scored.ok.all() and scored.output.shape == (4, 10)
+    np.testing.assert_allclose(scored.output, again.output, rtol=1e-5, atol=1e-6)
+    other = score_images(loaded, uris, batch_size=4, tags=np.zeros((4, 4), np.float32))
+    assert not np.allclose(other.output, scored.output)  # the tags it was given are the tags it used
+    with pytest.raises(StudentError, match=r"this student is multimodal: scoring needs each image's two-hot tags"):
+        score_images(loaded, uris)
+    # and a checkpoint of a multimodal student is not resumed as an images-only one
+    with pytest.raises(StudentError, match="another student.*semantic: 'multimodal' there, None here"):
+        restore_student(build_student(StudentSpec(**{**TINY, "seed": 2})), tmp_path / "ckpt")
+
+
+def test_split_rows_carry_each_rows_tag_ids():
+    n = 6
+    table = DatasetTable(name="tagged", image_ids=np.array([str(i) for i in range(n)], object),
+                         uris=np.array([f"/d/{i}.jpg" for i in range(n)], object),
+                         sha256=hashes_from_hex([hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]),
+                         splits=np.array(["train", "test"] * 3, object), votes=np.ones((n, 10), np.int64),
+                         tags=np.array([[i % 3, (i + 1) % 3] for i in range(n)], np.int64))
+    hashes = np.sort(table.sha256)
+    data = split_rows(table, hashes, "train", "distribution")
+    np.testing.assert_array_equal(data.tags, table.tags[data.rows])
+    untagged = split_rows(dataclasses.replace(table, tags=None), hashes, "train", "distribution")
+    assert untagged.tags.shape == (3, 0)
+
+
+def test_a_multitask_student_scores_without_tags_and_layercam_refuses_a_multimodal_one(tmp_path):
+    from trainers.layercam import student_target
+
+    multitask = build_student(StudentSpec(**{**TINY, "tag_width": 4, "tag_head": True}))
+    (tmp_path / "a.jpg").write_bytes(jpeg(70, 50))
+    scored = score_images(multitask, [str(tmp_path / "a.jpg")])  # its tag head is only for training
+    assert scored.ok.all() and scored.output.shape == (1, 10)
+    student_target(multitask)
+    with pytest.raises(StudentError, match="LayerCAM explains images-only students; this one is multimodal"):
+        student_target(build_student(StudentSpec(**TAGGED)))

@@ -43,6 +43,16 @@ def knowledge_entry(tmp_path: Path, store_url: str) -> str:
     return distill(store, view.key, spec, torch.device("cpu"))["entry"]
 
 
+def fitted_train_ids(tmp_path: Path) -> list[str]:
+    """The ids of the train images a student fits: the train split without the validation set
+    (``val_fraction``, default 0.1) that ``featurestore.splits.validation_mask`` carves out."""
+    from featurestore.splits import validation_mask
+
+    table = DatasetTable.from_manifest(load_dataset(str(tmp_path / "ava"), "ava"))
+    train_ids = table.image_ids[table.splits == "train"]
+    return train_ids[~validation_mask(train_ids, 0.1)].tolist()
+
+
 def train(*overrides: str) -> dict:
     from ray_jobs.train_student import TrainConfig, main
 
@@ -216,7 +226,10 @@ def test_two_gloo_workers_checkpoint_to_s3_and_killed_or_rerun_resume_as_if_neve
     assert not psutil.pid_exists(seen["victim"]) or psutil.Process(seen["victim"]).status() == psutil.STATUS_ZOMBIE
     assert killed["epochs"] == 3 and killed["checkpoint"].startswith(f"s3://{s3_bucket}/runs/kd-run")
     assert set(killed["metrics"]) >= {"srcc", "plcc", "acc", "emd"}
-    assert killed["train_rows"] == 23 and killed["unreadable_rows"] == 1  # 24 train rows, one undecodable
+    fitted = fitted_train_ids(tmp_path)
+    assert "broken" in fitted and 0 < len(fitted) < 24  # 24 train rows, some held out for validation
+    assert killed["train_rows"] == len(fitted) - 1 and killed["unreadable_rows"] == 1  # one undecodable
+    assert {"val_srcc", "val_emd"} <= set(killed["history"][0]) and "test_srcc" not in killed["history"][-1]
     before = seen["before"]
     assert 1 <= len(before) < 3 and killed["history"][:len(before)] == before  # with timings: kept, not retrained
     same_epochs(killed["history"], straight["history"][:3])  # model, Adam moments, schedule all restored
@@ -249,8 +262,9 @@ def test_too_many_unreadable_images_fail_the_run_naming_them(ray_local, tmp_path
 
     store_url = str(tmp_path / "store")
     key = knowledge_entry(tmp_path, store_url)
+    fitted = len(fitted_train_ids(tmp_path))
     (tmp_path / "ava").rename(tmp_path / "moved")  # moved after extraction, and dataset.path not given
-    with pytest.raises(UnreadableImages, match=r"24 of 24 train images could not be used in epoch 0.*/ava/.*dataset\.path"):
+    with pytest.raises(UnreadableImages, match=rf"{fitted} of {fitted} train images could not be used in epoch 0.*/ava/.*dataset\.path"):
         train(f"store={store_url}", f"knowledge_entry={key}", *TINY, "epochs=1", "max_failures=0",
               f"storage_path={tmp_path / 'runs'}", "name=unreadable")
 
@@ -319,3 +333,51 @@ def test_batch_plan_splits_the_global_batch_over_any_world_size():
         batch_plan(4, 8, None)
     with pytest.raises(BatchPlanError, match="empty"):
         batch_plan(5, 2, 1)  # quotas 3 and 2 in micro-batches of 1: three micro-batches, one empty
+
+
+def test_a_multimodal_student_trains_with_the_multitask_loss_and_its_metrics_are_recomputed(ray_local, tmp_path):
+    """Table XII's options together on 2 gloo workers: the two-hot tags stream with the images (as
+    input and as the tag head's target), the history's loss is eq. 9's sum of its terms, and the
+    evaluation stage, scoring the checkpoint with each image's tags, gets the run's test metrics."""
+    from ray_jobs.stages.evaluate import EvaluateConfig, evaluate
+
+    store_url = str(tmp_path / "store")
+    key = knowledge_entry(tmp_path, store_url)
+    result = train(f"store={store_url}", f"knowledge_entry={key}", *TINY, "epochs=1", "images=decode",
+                   "student.semantic=multimodal", "loss.kind=multitask", f"storage_path={tmp_path / 'runs'}",
+                   "name=multimodal-multitask")
+    student = result["student"]
+    assert (student["semantic"], student["tag_width"], student["tag_head"]) == ("multimodal", 3, True)  # tags.txt: 3
+    (epoch,) = result["history"]
+    assert all(np.isfinite(epoch[k]) for k in ("loss", "emd_gt", "tag_bce"))
+    # eq. 9, both weights 1 (the total is summed in float32, its terms logged apart)
+    assert epoch["loss"] == pytest.approx(epoch["emd_gt"] + epoch["tag_bce"], rel=1e-6)
+    assert 0 < epoch["tag_bce"] < 2 and epoch["train_rows_seen"] > 0
+    metrics = result["metrics"]
+    assert set(metrics) >= {"srcc", "plcc", "acc", "emd"} and all(np.isfinite(metrics[k]) for k in ("acc", "emd"))
+    scored = evaluate(EvaluateConfig(checkpoint=result["checkpoint"], store=store_url, split="test", batch_size=4))
+    assert scored.n == metrics["n"] == 7  # rows 0, 5, ..., 30 of the 31
+    for name in ("srcc", "plcc", "acc", "emd"):
+        if metrics[name] is None:
+            assert scored.metrics[name] is None
+        else:
+            assert scored.metrics[name] == pytest.approx(metrics[name], abs=1e-5), name
+
+
+def test_semantic_options_on_a_dataset_without_tags_fail_before_any_worker_starts(tmp_path):
+    from trainers.labels import LabelError
+
+    store_url = str(tmp_path / "store")
+    key = knowledge_entry(tmp_path, store_url)
+    lines = (tmp_path / "ava" / "AVA.txt").read_text().split("\n")
+    rows = [line.split() for line in lines if line]
+    header = "image," + ",".join(f"votes_{k}" for k in range(1, 11)) + ",split"
+    test_ids = set((tmp_path / "ava" / "generic_test.jpgl").read_text().split())
+    (tmp_path / "plain.csv").write_text(header + "\n" + "\n".join(
+        f"ava/{r[1]}.jpg," + ",".join(r[2:12]) + f",{'test' if r[1] in test_ids else 'train'}" for r in rows) + "\n")
+    common = (f"store={store_url}", f"knowledge_entry={key}", *TINY, f"dataset.path={tmp_path / 'plain.csv'}",
+              "dataset.format=csv", f"storage_path={tmp_path / 'runs'}")
+    with pytest.raises(LabelError, match=r"dataset '.*' has no semantic tags, which student.semantic=multimodal needs"):
+        train(*common, "student.semantic=multimodal", "loss.kind=baseline")
+    with pytest.raises(LabelError, match=r"has no semantic tags, which loss 'multitask' needs"):
+        train(*common, "loss.kind=multitask")

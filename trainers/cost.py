@@ -19,14 +19,17 @@ from trainers.backbones import build_extractor
 from trainers.student import StudentSpec, build_student, count_params, view_size
 
 
-def gflops(model: nn.Module, height: int, width: int) -> float:
-    """GFLOPs (multiply-adds) of one forward pass of one RGB image, on the model's device, in eval mode."""
+def gflops(model: nn.Module, height: int, width: int, tag_width: int = 0) -> float:
+    """GFLOPs (multiply-adds) of one forward pass of one RGB image, on the model's device, in eval mode.
+    ``tag_width`` > 0: a multi-modal student, also given a two-hot tag vector of that width (its
+    tag branch is part of its cost)."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
+        tags = (torch.zeros(1, tag_width, device=device),) if tag_width else ()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, 3, height, width, device=device))
+            model(torch.zeros(1, 3, height, width, device=device), *tags)
     finally:
         model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9
@@ -36,7 +39,7 @@ def student_cost(spec: StudentSpec) -> tuple[int, float]:
     """(params, GFLOPs at the student's view) of the student ``spec`` describes."""
     with torch.device("meta"):
         model = build_student(StudentSpec(**{**spec.to_json(), "weights": "random:0"}))
-    return count_params(model), gflops(model, *view_size(spec.view))
+    return count_params(model), gflops(model, *view_size(spec.view), tag_width=spec.tag_width if spec.semantic else 0)
 
 
 def teacher_cost(backbones: str | Sequence[str], height: int, width: int) -> tuple[int, float]:

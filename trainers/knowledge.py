@@ -34,9 +34,10 @@ from safetensors.torch import save as save_safetensors
 
 from featurestore.dataset_table import DatasetTable, hash_bytes, hashes_of
 from featurestore.errors import UserError
-from featurestore.features import HASH_ARRAY, extractor_key, plan_windows
+from featurestore.features import HASH_ARRAY, extractor_key, storage_blocks
 from featurestore.layout import ArraySpec, EntryLayout, default_shard_rows
-from featurestore.reader import EntryReader
+from featurestore.partition import World, plan_shuffled
+from featurestore.reader import EntryReader, read_ahead
 from featurestore.specs import EntrySpec
 from featurestore.splits import SplitSpec
 from featurestore.store import FeatureStore
@@ -191,16 +192,17 @@ def distill(store: FeatureStore, view_key: str, spec: DistillerSpec, device: tor
 
 def streamed_batches(view: GsfView, hashes: np.ndarray, targets: np.ndarray, columns: np.ndarray,
                      spec: DistillerSpec):
-    """``batches_for_epoch`` over rows read from the store window by window (see
-    :func:`featurestore.features.plan_windows`), the next window read while this one trains."""
+    """``batches_for_epoch`` over rows read from the store window by window: the epoch is
+    :func:`featurestore.partition.plan_shuffled` over blocks of ``BLOCK_ROWS`` rows in storage
+    order, ``WINDOW_BLOCKS`` blocks a window, the next window read while this one trains."""
+    blocks = storage_blocks(view.index, hashes, BLOCK_ROWS)
+
     def batches(epoch: int):
-        windows = plan_windows(view.index, hashes, spec.seed, epoch, BLOCK_ROWS, WINDOW_BLOCKS)
+        plan = plan_shuffled(blocks, World(), spec.seed, epoch, WINDOW_BLOCKS)
+        windows = [plan.positions[w] for w in plan.windows()]
         with ThreadPoolExecutor(1, thread_name_prefix="distill-read") as pool:
-            pending = pool.submit(view.features, hashes[windows[0]], columns) if windows else None
-            for i, window in enumerate(windows):
-                gsf = pending.result()
-                if i + 1 < len(windows):
-                    pending = pool.submit(view.features, hashes[windows[i + 1]], columns)
+            read = read_ahead(windows, lambda window: view.features(hashes[window], columns), 1, pool)
+            for window, gsf in zip(windows, read):
                 for start in range(0, len(window), spec.batch_size):
                     yield (torch.from_numpy(gsf[start:start + spec.batch_size].astype(np.float32)),
                            torch.from_numpy(targets[window[start:start + spec.batch_size]]))

@@ -14,6 +14,18 @@ Each student loss of :mod:`trainers.losses` fits exactly one kind (``LOSSES``): 
 distribution, BCE a probability of "high", MSE a score. :func:`check_loss` says so before a run
 is launched rather than as a shape error on a GPU worker.
 
+**Semantic tags (Table XII).** A dataset may give each image up to two semantic tag ids (AVA's
+``tags.txt`` ids; ``DatasetTable.tags`` [N, 2], 0 = none). A multi-modal student takes them as
+input and the ``multitask`` loss predicts them, both as a *two-hot vector*: entry ``i − 1`` is 1
+when the image has tag id ``i`` (:func:`two_hot`). Its width (:func:`tag_width`) is the largest
+tag id the dataset defines: the largest id of ``tag_names`` (AVA's ``tags.txt`` names 66 tags), or of the tag columns
+when they are larger or there are no names (a CSV). It is a property of the whole dataset, not
+of a split, so the model's shape does not depend on which tags a split happens to contain; the
+student records it (``StudentSpec.tag_width``) and scoring another dataset encodes that
+dataset's tags in the same width (:func:`two_hot` refuses an id beyond it). A student or loss
+that needs tags on a dataset without them is a :class:`LabelError` (:func:`check_tags`) before
+any worker starts.
+
 **Labelled rows.** :func:`labelled_rows` is the one definition of the rows of a split that have
 a label, so the teacher and every student are fitted and scored on the same images. A row is
 labelled when it has at least one vote (a dataset with vote counts) or a finite mean score (a
@@ -45,10 +57,15 @@ LABELS = ("distribution", "binary", "score")
 
 #: The student losses (``trainers.losses.KINDS``) that fit each label kind.
 LOSSES = {
-    "distribution": ("baseline", "kd", "kd_feature_only", "kd_output_only", "mixed_loss", "mixed_label"),
+    "distribution": ("baseline", "kd", "kd_feature_only", "kd_output_only", "mixed_loss", "mixed_label", "multitask"),
     "binary": ("bce", "bce_baseline"),
     "score": ("mse", "mse_baseline"),
 }
+
+#: The student losses that also predict the two-hot tag vector (eq. 9), so need a tag head and tags.
+TAG_LOSSES = ("multitask",)
+#: Values of the student's ``semantic`` option (``StudentSpec.semantic``); None: images only.
+SEMANTIC = ("multimodal",)
 
 #: What :func:`labelled_rows` can select: a split of the dataset, or every row.
 ROW_SPLITS = ("train", "val", "test", "all")
@@ -77,6 +94,65 @@ def check_loss(label: str, loss_kind: str) -> None:
                     " (no such loss)")
         raise LabelError(f"loss {loss_kind!r} does not fit label {label!r}{fits}; with label {label!r} use one of "
                          f"{', '.join(allowed)}")
+
+
+# -- semantic tags (Table XII) ------------------------------------------------------------------------
+
+
+def needs_tags(semantic: str | None, loss_kind: str) -> bool:
+    """Whether a student with option ``semantic`` trained with ``loss_kind`` reads the tags."""
+    return semantic is not None or loss_kind in TAG_LOSSES
+
+
+def tag_width(table: DatasetTable) -> int:
+    """Width of ``table``'s two-hot tag vector: the largest tag id it defines (module docstring)."""
+    named = max((int(i) for i, _ in table.tag_names), default=0)
+    used = int(np.asarray(table.tags).max(initial=0)) if table.tags is not None else 0
+    return max(named, used)
+
+
+def check_tags(table: DatasetTable, semantic: str | None, loss_kind: str) -> int:
+    """The two-hot width a student with option ``semantic`` and loss ``loss_kind`` needs from
+    ``table`` (0: it uses no tags); a :class:`LabelError` naming the dataset when it has none."""
+    if semantic is not None and semantic not in SEMANTIC:
+        raise LabelError(f"student.semantic {semantic!r} is not one of {', '.join(SEMANTIC)} (or unset)")
+    if not needs_tags(semantic, loss_kind):
+        return 0
+    if table.tags is None or (width := tag_width(table)) < 1:
+        who = " and ".join(([f"student.semantic={semantic}"] if semantic else [])
+                           + ([f"loss {loss_kind!r}"] if loss_kind in TAG_LOSSES else []))
+        raise LabelError(f"dataset {table.name!r} has no semantic tags, which {who} needs; use a dataset with "
+                         "tags (AVA's tag ids and tags.txt, or CSV columns tag1, tag2), or drop student.semantic "
+                         "and use another loss")
+    return width
+
+
+def two_hot(tags: np.ndarray, width: int) -> np.ndarray:
+    """float32 [N, width] two-hot vectors of tag ids [N, 2] (0 = none; id i sets entry i − 1).
+
+    An image with one tag gets a one-hot vector, one with none a zero vector. An id beyond
+    ``width`` (a dataset with more tags than the student was trained on) is a :class:`LabelError`."""
+    tags = np.asarray(tags, np.int64)
+    if tags.ndim != 2:
+        raise LabelError(f"tag ids must be [N, 2], got shape {tags.shape}")
+    if tags.size and (tags.min() < 0 or tags.max() > width):
+        raise LabelError(f"tag id {int(tags.max()) if tags.max() > width else int(tags.min())} is outside "
+                         f"1..{width}, the tag ids the student was trained with (0 = no tag)")
+    out = np.zeros((len(tags), width + 1), np.float32)
+    np.put_along_axis(out, tags, 1.0, axis=1)
+    return out[:, 1:]
+
+
+def scoring_tags(dataset: str, tags, width: int) -> np.ndarray:
+    """Two-hot vectors [N, width] of a dataset's tag ids [N, 2] for scoring a multi-modal student
+    (trained with ``width``); a :class:`LabelError` naming ``dataset`` when it has no tags."""
+    if tags is None:
+        raise LabelError(f"dataset {dataset!r} has no semantic tags, which a multimodal student reads with each "
+                         "image; score it on images with tags (an AVA dataset, or a CSV with columns tag1, tag2)")
+    try:
+        return two_hot(np.asarray(tags, np.int64).reshape(-1, 2), width)
+    except LabelError as exc:
+        raise LabelError(f"dataset {dataset!r}: {exc}") from None
 
 
 # -- labelled rows ----------------------------------------------------------------------------------

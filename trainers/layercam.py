@@ -37,7 +37,7 @@ from torch import nn
 from featurestore.errors import UserError
 from trainers.backbones import Backbone
 from trainers.labels import NUM_BINS, prediction
-from trainers.student import Student
+from trainers.student import Student, StudentError
 
 
 class LayerError(UserError, ValueError):
@@ -82,7 +82,11 @@ def last_stage(model: nn.Module) -> str:
 
 
 def student_target(student: Student) -> Target:
-    """The student's prediction as one number per image (module docstring)."""
+    """The student's prediction as one number per image (module docstring). Not for a multi-modal
+    student: its prediction also depends on the image's tags, which a map over pixels cannot show."""
+    if student.spec.semantic is not None:
+        raise StudentError(f"LayerCAM explains images-only students; this one is {student.spec.semantic} (its "
+                           "prediction also reads the image's tags): explain its images-only counterpart")
     label = student.spec.label
 
     def score(images: torch.Tensor) -> torch.Tensor:

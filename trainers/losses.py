@@ -20,6 +20,8 @@ kd_feature_only    o·EMD(D_gt, D_s) + f·MSE(f_t, f_s)     (Table VI: "directly
 kd_output_only     o·EMD(D_t, D_s)                        (Table VI, output supervision only)
 mixed_loss         o·((1−α)·EMD(D_t, D_s) + α·EMD(D_gt, D_s)) + f·MSE(f_t, f_s)   (eq. 10, α=½)
 mixed_label        o·EMD(α·D_gt + (1−α)·D_t, D_s) + f·MSE(f_t, f_s)               (eq. 11, α=½)
+multitask          o·EMD(D_gt, D_s) + BCE(v_s, v̂_s)        (eq. 9, Table XII: the student also
+                                                           predicts the two-hot tag vector v_s)
 bce                o·BCE(ŷ_t, ŷ_s) + f·MSE(f_t, f_s)      (eq. 12, binary labels)
 bce_baseline       o·BCE(y_gt, ŷ_s)                       (Table XV "w/o KD", binary labels)
 mse                o·MSE(ŷ_t, ŷ_s) + f·MSE(f_t, f_s)      (eq. 13, score labels)
@@ -27,7 +29,9 @@ mse_baseline       o·MSE(y_gt, ŷ_s)                       (Table XV "w/o KD", 
 =================  ============================================================================
 
 with o = ``output_weight``, f = ``feature_weight`` (both 1 in the paper) and α = ``alpha``, the
-ground truth's share (½ in eq. 10 and 11).
+ground truth's share (½ in eq. 10 and 11). The tag term of ``multitask`` has eq. 9's weight 1:
+it is not the aesthetic output that ``output_weight`` scales. Its BCE is the mean over the
+vector's entries of each image (:func:`tag_bce`), then the batch mean like every term.
 
 Each kind fits one label kind (EMD a distribution, BCE a binary label, MSE a score): that table
 is ``trainers.labels.LOSSES``, and ``trainers.labels.check_loss`` checks a pair before a run.
@@ -109,6 +113,15 @@ def bce_loss(target: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor | 
     return _batch_mean(F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none"), weight)
 
 
+def tag_bce(target: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE of eq. 9 between two-hot tag vectors v_s [B, T] and the tag head's logits v̂_s [B, T]:
+    per image the mean over the T entries (each entry is its own yes/no question: does the image
+    have this tag), then the batch mean. Logits, for the same reason as :func:`bce_loss`."""
+    _same_shape(target, logits, "tag BCE", 2)
+    per_entry = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="none")
+    return _batch_mean(per_entry.mean(dim=-1), weight)
+
+
 def score_mse(target: torch.Tensor, pred: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error between scores [B] (term 1 of eq. 13: teacher score vs student score)."""
     _same_shape(target, pred, "score MSE", 1)
@@ -145,11 +158,12 @@ class StudentOutputs:
 
     ``prediction``: D_s as probabilities [B, 10] for distribution kinds, a logit [B] for ``bce*``,
     a score [B] for ``mse*``. ``feature``: the student aesthetic feature f_s [B, F] (needed by the
-    kinds with a feature term).
+    kinds with a feature term). ``tag_logits``: the tag head's logits v̂_s [B, T] (``multitask``).
     """
 
     prediction: torch.Tensor
     feature: torch.Tensor | None = None
+    tag_logits: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,12 +171,14 @@ class Targets:
     """Supervision for a batch: ground truth and/or stored teacher knowledge (eq. 6).
 
     ``gt``: D_gt [B, 10], a 0/1 label [B] or a score [B]. ``teacher_prediction``: D_t [B, 10], the
-    teacher's probability ŷ_t [B] or its score [B]. ``teacher_feature``: f_t [B, F].
+    teacher's probability ŷ_t [B] or its score [B]. ``teacher_feature``: f_t [B, F]. ``tags``: the
+    ground-truth two-hot tag vectors v_s [B, T] (``multitask``; ``trainers.labels.two_hot``).
     """
 
     gt: torch.Tensor | None = None
     teacher_prediction: torch.Tensor | None = None
     teacher_feature: torch.Tensor | None = None
+    tags: torch.Tensor | None = None
 
 
 def _need(value: torch.Tensor | None, name: str, kind: str) -> torch.Tensor:
@@ -185,6 +201,7 @@ def _terms(spec: LossSpec) -> dict[str, float]:
         "bce_baseline": {"bce_gt": o},
         "mse": {"mse_teacher": o, "feature_mse": f},
         "mse_baseline": {"mse_gt": o},
+        "multitask": {"emd_gt": o, "tag_bce": 1.0},
     }[spec.kind]
 
 
@@ -194,6 +211,8 @@ def _term(name: str, spec: LossSpec, out: StudentOutputs, tgt: Targets, weight: 
     if name == "feature_mse":
         return feature_mse(_need(tgt.teacher_feature, "targets.teacher_feature", kind),
                            _need(out.feature, "outputs.feature", kind), weight)
+    if name == "tag_bce":
+        return tag_bce(_need(tgt.tags, "targets.tags", kind), _need(out.tag_logits, "outputs.tag_logits", kind), weight)
     loss_name, source = name.split("_", 1)  # "<emd|bce|mse>_<gt|teacher|mixed_label>"
     if source == "mixed_label":
         target = (spec.alpha * _need(tgt.gt, "targets.gt", kind)

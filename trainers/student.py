@@ -8,6 +8,13 @@
 * ``head`` is Linear(F, out): 10 logits for ``label="distribution"`` (softmax at use, D_s), one
   for ``"binary"`` (sigmoid, eq. 12) or ``"score"`` (the mean score itself, eq. 13). Turning
   logits into predictions is ``trainers.distiller.prediction`` — the same rule as the teacher's.
+* Semantic guidance (Table XII, ``trainers.labels`` "Semantic tags"). With ``semantic:
+  multimodal`` the two-hot tag vector v [B, T] goes through two FC layers,
+  ``s = ReLU(Linear(ReLU(Linear(v))))`` [B, ``SEMANTIC_WIDTH``], and the head reads the visual
+  feature and s side by side: ``head(concat(f_s, s))``. f_s stays purely visual, so the KD
+  feature term still compares like with like. With ``tag_head`` (the ``multitask`` loss) a
+  ``tag_head`` Linear(F, T) predicts the tag vector's logits from f_s alone (the paper: "with
+  the visual feature"); only the loss asks for them, so scoring an image never needs tags.
 * The backbone sees one fixed, enumerated *view* of each image (``StudentSpec.view``): the
   stored teacher knowledge belongs to the image, so random augmentation would make it stale
   (DESIGN §3). ``resize:300`` is the paper's default, ``pad_crop:800:640`` Table VII's.
@@ -15,7 +22,8 @@
   the student normalises with its backbone's own mean/std, so loaders never need to know it.
 
 Checkpoints are two files in a directory (or under an ``s3://`` prefix): ``model.safetensors``
-(the whole state dict: ``backbone.*``, ``fc.*``, ``head.*``) and ``student.json`` (format, spec,
+(the whole state dict: ``backbone.*``, ``fc.*``, ``head.*``, and ``semantic.*`` / ``tag_head.*`` when
+the spec has them) and ``student.json`` (format, spec,
 state digest of the weights, the caller's ``extra``). They are written in that order, each to a
 temporary name and renamed, so a directory with ``student.json`` holds a complete checkpoint;
 the digest catches a weights file from another save (a crash while overwriting a checkpoint).
@@ -41,13 +49,16 @@ from featurestore import sources
 from featurestore.errors import UserError
 from featurestore.files import atomic_write_bytes
 from trainers.backbones import NORMALISATION, canonical_name, create_model
-from trainers.labels import LABELS, NUM_BINS, prediction
+from trainers.labels import LABELS, NUM_BINS, SEMANTIC, prediction
 from trainers.images import ImageDecoder, _dali_installed
 from trainers.weights import PACKAGED, load_into, read_state_dict, state_digest
 
 WEIGHTS_FILE, SPEC_FILE = "model.safetensors", "student.json"
 CHECKPOINT_FORMAT = 1
 READ_THREADS = 8  # image reads are I/O bound (S3 especially)
+#: Width of the multi-modal branch's two FC layers; the paper does not give one. A checkpoint's
+#: weights are loaded strictly, so a change here cannot go unnoticed with old checkpoints.
+SEMANTIC_WIDTH = 128
 
 _VIEW = re.compile(r"resize:(\d+)(?:x(\d+))?|pad_crop:(\d+):(\d+)")
 
@@ -83,6 +94,10 @@ class StudentSpec:
     ``hub``, ``packaged``, ``random:<seed>``, a file path or an ``s3://`` URI (a full timm
     state dict; its classifier is dropped). The fc and head are always randomly initialised
     from ``seed``. ``freeze_backbone`` trains only fc and head (Table V, "non-trainable").
+
+    ``semantic="multimodal"`` adds the tag-input branch and ``tag_head`` the tag prediction of
+    the ``multitask`` loss (module docstring); both need ``tag_width``, the width of the dataset's
+    two-hot tag vector (``trainers.labels.tag_width``), which is 0 for a student without either.
     """
 
     backbone: str
@@ -92,6 +107,9 @@ class StudentSpec:
     view: str = "resize:300"
     freeze_backbone: bool = False
     seed: int = 0
+    semantic: str | None = None
+    tag_width: int = 0
+    tag_head: bool = False
 
     def __post_init__(self):
         name = canonical_name(self.backbone)  # BackboneError (a ValueError) names the unknown backbone
@@ -109,6 +127,16 @@ class StudentSpec:
         parse_view(self.view)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise StudentError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.semantic is not None and self.semantic not in SEMANTIC:
+            raise StudentError(f"semantic {self.semantic!r} is not one of {', '.join(SEMANTIC)} "
+                               "(or unset: images only)")
+        if not isinstance(self.tag_width, int) or self.tag_width < 0:
+            raise StudentError(f"tag_width must be a non-negative integer, got {self.tag_width!r}")
+        uses_tags = self.semantic is not None or self.tag_head
+        if uses_tags != (self.tag_width > 0):
+            raise StudentError(f"tag_width={self.tag_width} with semantic={self.semantic!r}, tag_head={self.tag_head}: "
+                               "a student reading or predicting tags needs the dataset's tag width (> 0), "
+                               "any other has tag_width 0")
 
     @property
     def output_width(self) -> int:
@@ -128,7 +156,11 @@ class StudentSpec:
 
 
 class Student(nn.Module):
-    """``forward(images)`` → ``(f_s [B, F], logits [B, out])`` for RGB NCHW images on 0..255.
+    """``forward(images, tags)`` → ``(f_s [B, F], logits [B, out])`` for RGB NCHW images on 0..255
+    and two-hot tag vectors [B, T]; ``predict_tags=True`` adds the tag head's logits [B, T].
+
+    Only a multi-modal student reads ``tags`` (it needs them); the others ignore them, so a
+    caller may pass what its batch holds.
 
     With ``spec.freeze_backbone`` the backbone's parameters do not require gradients *and* the
     backbone stays in eval mode even after ``.train()``: a frozen backbone must not drift
@@ -142,7 +174,13 @@ class Student(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             self.fc = nn.Linear(backbone.num_features, spec.feature_width)
-            self.head = nn.Linear(spec.feature_width, spec.output_width)
+            merged = spec.feature_width + (SEMANTIC_WIDTH if spec.semantic == "multimodal" else 0)
+            self.head = nn.Linear(merged, spec.output_width)
+            if spec.semantic == "multimodal":
+                self.semantic = nn.Sequential(nn.Linear(spec.tag_width, SEMANTIC_WIDTH), nn.ReLU(),
+                                              nn.Linear(SEMANTIC_WIDTH, SEMANTIC_WIDTH), nn.ReLU())
+            if spec.tag_head:
+                self.tag_head = nn.Linear(spec.feature_width, spec.tag_width)
         mean, std = NORMALISATION.get(canonical_name(spec.backbone)) or (
             backbone.pretrained_cfg["mean"], backbone.pretrained_cfg["std"])
         # Not persistent: they follow from the backbone's name, so checkpoints hold weights only.
@@ -158,10 +196,22 @@ class Student(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, tags: torch.Tensor | None = None,
+                predict_tags: bool = False) -> tuple[torch.Tensor, ...]:
         pooled = self.backbone((images.float() - self.mean) / self.std)
         f_s = torch.relu(self.fc(pooled))
-        return f_s, self.head(f_s)
+        merged = f_s
+        if self.spec.semantic == "multimodal":
+            if tags is None or tags.shape != (len(images), self.spec.tag_width):
+                got = "none" if tags is None else f"shape {tuple(tags.shape)}"
+                raise StudentError(f"a multimodal student needs two-hot tags [{len(images)}, {self.spec.tag_width}] "
+                                   f"with its images, got {got}")
+            merged = torch.cat([f_s, self.semantic(tags.to(f_s.dtype))], dim=1)
+        if not predict_tags:
+            return f_s, self.head(merged)
+        if not self.spec.tag_head:
+            raise StudentError("predict_tags needs a student with a tag head (StudentSpec.tag_head, loss multitask)")
+        return f_s, self.head(merged), self.tag_head(f_s)
 
 
 def _backbone(spec: StudentSpec, weights: str) -> nn.Module:
@@ -287,14 +337,20 @@ class Scores:
 
 
 def score_images(model: Student, uris: Sequence[str], batch_size: int = 32,
-                 on_batch: Callable[[int], None] = lambda n: None) -> Scores:
+                 on_batch: Callable[[int], None] = lambda n: None, tags: np.ndarray | None = None) -> Scores:
     """Read, decode (the student's view) and score ``uris`` in batches on the model's device.
+
+    ``tags``: the images' two-hot tag vectors [N, T] (``trainers.labels.two_hot`` in the
+    student's ``tag_width``), row-aligned with ``uris``; a multi-modal student needs them.
 
     An image that cannot be read or decoded, or gets a non-finite prediction, is not scored and
     gets a reason; nothing else stops.
     Puts the model in eval mode. ``on_batch(n)`` is called after each batch of n images.
     """
     model.eval()
+    if model.spec.semantic is not None and (tags is None or np.shape(tags) != (len(uris), model.spec.tag_width)):
+        raise StudentError(f"this student is {model.spec.semantic}: scoring needs each image's two-hot tags "
+                           f"[{len(uris)}, {model.spec.tag_width}], got {'none' if tags is None else np.shape(tags)}")
     device = next(model.parameters()).device
     decoder = decoder_for(model.spec, device, batch_size=batch_size)
     shape = (len(uris), model.spec.output_width) if model.spec.label == "distribution" else (len(uris),)
@@ -323,8 +379,10 @@ def score_images(model: Student, uris: Sequence[str], batch_size: int = 32,
                     reasons[row] = f"cannot decode {uris[row]}: {decoded.reason}"
             if images:
                 batch = torch.stack(list(images.values())).permute(0, 3, 1, 2).to(device)
+                batch_tags = None if tags is None else torch.as_tensor(np.asarray(tags, np.float32)[list(images)],
+                                                                       device=device)
                 with torch.inference_mode():
-                    predicted = prediction(model.spec.label, model(batch)[1]).float().cpu().numpy()
+                    predicted = prediction(model.spec.label, model(batch, batch_tags)[1]).float().cpu().numpy()
                 for row, value in zip(images, predicted):
                     if np.isfinite(value).all():
                         output[row] = value

@@ -14,12 +14,13 @@ A background thread loads the next window while the current one is trained on, a
 
 * :class:`StoredImages` (the default): the stored views (featurestore/pixels.py, decoded once by
   trainers/student_views.py). A block is a stored shard; a window reads each of its shards with
-  one GET, in parallel. Nothing is decoded per epoch.
+  one GET, in parallel (``EntryReader.read_rows``). Nothing is decoded per epoch.
 * :class:`DecodedImages`: image bytes read (local or s3://), checked against their indexed
   SHA-256 and decoded to the view with DALI every epoch; a block is ``locality_rows`` rows in
   knowledge order.
 
-Knowledge rows are read per window as runs of inner chunks (``EntryReader.read_rows``). An image
+Knowledge rows are read per window (``EntryReader.read_rows``: whole shards where the window's
+rows are dense, runs of inner chunks elsewhere; stored views likewise). An image
 that cannot be used (its view failed, or its bytes are gone, changed or undecodable) gets weight
 0, never stalls the epoch, and is counted in :attr:`StudentStream.unreadable` (the trainer fails
 a run past a threshold).
@@ -30,10 +31,11 @@ DESIGN §3).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -45,16 +47,15 @@ from featurestore.dataset_table import DatasetTable
 from featurestore.errors import UserError
 from featurestore.partition import ShuffledEpoch, World, plan_shuffled
 from featurestore.pixels import PIXELS_ARRAY
-from featurestore.reader import EntryReader
+from featurestore.reader import EntryReader, read_ahead
+from featurestore.splits import validation_mask
 from featurestore.store import FeatureStore
 from trainers.images import ImageDecoder
 from trainers.knowledge import knowledge_rows
-from trainers.labels import labelled_rows, table_targets
+from trainers.labels import LabelError, labelled_rows, table_targets, two_hot
 from trainers.student_views import StoredViews
 
 READ_THREADS = 8
-#: A stored shard is read whole when the window needs at least 1/WHOLE_SHARD_SHARE of its rows.
-WHOLE_SHARD_SHARE = 4
 
 
 @dataclass
@@ -66,20 +67,29 @@ class StudentBatch:
     teacher_feature: torch.Tensor  # f_t [B, F]
     teacher_prediction: torch.Tensor  # D_t [B, 10] (or [B])
     unreadable: tuple[tuple[str, str], ...] = ()  # (uri, reason) of the real rows that cannot be used
+    tags: torch.Tensor | None = None  # two-hot tag vectors [B, T] for a student that uses tags, else None
 
 
 @dataclass(frozen=True)
 class SplitRows:
-    """The usable rows of a split: dataset row, knowledge row, image URI and hash, target (aligned)."""
+    """The usable rows of a split: dataset row, knowledge row, image URI and hash, target, and tag
+    ids (aligned). ``tags`` is [n, 2] (0 = none), or [n, 0] for a dataset without tags: ids, not
+    two-hot vectors, so 10M rows stay small; the stream encodes a batch's in the student's width."""
 
     rows: np.ndarray
     knowledge_rows: np.ndarray
     uris: tuple[str, ...]
     sha256: np.ndarray
     targets: np.ndarray
+    tags: np.ndarray
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def take(self, keep: np.ndarray) -> SplitRows:
+        """The rows where boolean ``keep`` is true, every field alike."""
+        return SplitRows(**{f.name: tuple(np.asarray(value, object)[keep]) if isinstance(value, tuple) else value[keep]
+                            for f in dataclasses.fields(self) for value in (getattr(self, f.name),)})
 
 
 def split_rows(table: DatasetTable, hashes: np.ndarray, split: str, label: str) -> SplitRows:
@@ -93,7 +103,24 @@ def split_rows(table: DatasetTable, hashes: np.ndarray, split: str, label: str) 
     rows = labelled_rows(table, split, required=False)
     rows = rows[krows[rows] >= 0]
     rows = rows[np.argsort(krows[rows], kind="stable")]
-    return SplitRows(rows, krows[rows], tuple(table.uris[rows]), table.sha256[rows], targets[rows])
+    tags = np.zeros((len(table), 0), np.int64) if table.tags is None else np.asarray(table.tags, np.int64)
+    return SplitRows(rows, krows[rows], tuple(table.uris[rows]), table.sha256[rows], targets[rows], tags[rows])
+
+
+def student_splits(table: DatasetTable, hashes: np.ndarray, label: str, val_fraction: float) -> dict[str, SplitRows]:
+    """A student run's three sets of :func:`split_rows`: ``train`` is fitted, ``val`` scored
+    every epoch, ``test`` scored once at the end (never used to pick anything).
+
+    ``val`` is the dataset's own ``val`` split when it has labelled rows there; otherwise
+    ``val_fraction`` of the train images, carved out by image id
+    (``featurestore.splits.validation_mask``), so every student, seed and loss of a split holds
+    out the same images. The teacher was fitted on all train images, val ones included: the
+    per-epoch curves are for watching a run, the test split is what the report compares."""
+    train, test, val = (split_rows(table, hashes, split, label) for split in ("train", "test", "val"))
+    if not len(val) and val_fraction > 0:
+        held = validation_mask(table.image_ids[train.rows], val_fraction)
+        train, val = train.take(~held), train.take(held)
+    return {"train": train, "val": val, "test": test}
 
 
 @dataclass
@@ -133,7 +160,6 @@ class StoredImages:
         shard_rows = {int(s): self._reader(int(s)).layout.shard_rows for s in np.unique(self.segment[found])}
         shard = np.array([r // shard_rows[int(s)] if s >= 0 else 0 for s, r in zip(self.segment, self.row)], np.int64)
         self.block_of = np.where(found, self.segment.astype(np.int64) << 32 | shard, -1)
-        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="view-read")
 
     def _reader(self, segment: int) -> EntryReader:
         if segment not in self._readers:
@@ -142,22 +168,11 @@ class StoredImages:
 
     def load(self, positions: np.ndarray) -> LoadedImages:
         pixels = np.zeros((len(positions), *self.size, 3), np.uint8)
-        groups: dict[int, list[int]] = {}
-        for i, block in enumerate(self.block_of[positions]):
-            if block >= 0:
-                groups.setdefault(int(block), []).append(i)
-
-        def read(block: int) -> None:
-            picked = np.asarray(groups[block])
-            reader, rows = self._reader(block >> 32), self.row[positions[picked]]
-            start, stop = reader.layout.shard_range(int(rows[0]) // reader.layout.shard_rows)
-            if len(np.unique(rows)) * WHOLE_SHARD_SHARE >= stop - start:  # one GET of the whole shard
-                block_pixels = reader.read_range(start, stop, [PIXELS_ARRAY])[PIXELS_ARRAY][rows - start]
-            else:
-                block_pixels = reader.read_rows(rows, [PIXELS_ARRAY])[PIXELS_ARRAY]
-            pixels[picked] = block_pixels.reshape(len(picked), *self.size, 3)
-
-        list(self._pool.map(read, groups))
+        segment = self.segment[positions]
+        for s in np.unique(segment[segment >= 0]):  # each segment's shards are read in parallel
+            picked = np.flatnonzero(segment == s)
+            rows = self._reader(int(s)).read_rows(self.row[positions[picked]], [PIXELS_ARRAY])[PIXELS_ARRAY]
+            pixels[picked] = rows.reshape(len(picked), *self.size, 3)
         return LoadedImages(pixels, [self.reasons[p] for p in positions])
 
 
@@ -275,11 +290,15 @@ class StudentStream:
     """Batches for one rank. Build it once per worker; call :meth:`epoch` each epoch.
 
     ``batch`` is a batch size (equal shares per rank, as validation reads), or a
-    :class:`BatchPlan`: the rank's share and micro-batch sizes come from it."""
+    :class:`BatchPlan`: the rank's share and micro-batch sizes come from it. With ``tag_width``
+    > 0 (a student that reads or predicts tags) each batch carries its rows' two-hot tags."""
 
     def __init__(self, store_url: str, knowledge_key: str, data: SplitRows, label: str, world: World,
                  batch: int | BatchPlan, images: StoredImages | DecodedImages, seed: int, window_blocks: int = 8,
-                 prefetch: int = 4, channels_last: bool = False, pin_memory: bool = False):
+                 prefetch: int = 4, channels_last: bool = False, pin_memory: bool = False, tag_width: int = 0):
+        if tag_width and data.tags.shape[1] != 2:
+            raise LabelError("the student uses semantic tags but the dataset has none (no tag1/tag2 columns)")
+        self.tag_width = tag_width
         self.knowledge = FeatureStore(store_url, create=False).open(knowledge_key)
         self.data, self.label, self.world, self.images = data, label, world, images
         if isinstance(batch, BatchPlan):
@@ -312,12 +331,10 @@ class StudentStream:
         def produce() -> None:
             try:
                 loaded: list[Window] = []
-                upcoming = iter(windows)
-                following = self._next(plan, upcoming)
+                upcoming = read_ahead(windows, lambda part: self._load(plan, part), 1, self._loader)
                 for start, end in cuts:
                     while not loaded or loaded[-1].end < end:
-                        loaded.append(following.result())
-                        following = self._next(plan, upcoming)  # read the next window meanwhile
+                        loaded.append(next(upcoming))  # the next window is read meanwhile
                     loaded = [w for w in loaded if w.end > start]
                     if stop.is_set():
                         return
@@ -342,14 +359,6 @@ class StudentStream:
                 except queue.Empty:
                     thread.join(timeout=0.05)
 
-    def _next(self, plan: ShuffledEpoch, upcoming: Iterator[slice]) -> Future:
-        part = next(upcoming, None)
-        if part is None:
-            done: Future = Future()
-            done.set_exception(RuntimeError("the plan has no more windows"))
-            return done
-        return self._loader.submit(self._load, plan, part)
-
     def _load(self, plan: ShuffledEpoch, part: slice) -> Window:
         positions = plan.positions[part]
         knowledge = self.knowledge.read_rows(self.data.knowledge_rows[positions], ["feature", self.label])
@@ -373,4 +382,6 @@ class StudentStream:
         return StudentBatch(rows=self.data.rows[pos], images=images if self.channels_last else images.contiguous(),
                             weight=weight, gt=torch.from_numpy(self.data.targets[pos]),
                             teacher_feature=torch.from_numpy(knowledge["feature"]),
-                            teacher_prediction=torch.from_numpy(knowledge[self.label]), unreadable=unreadable)
+                            teacher_prediction=torch.from_numpy(knowledge[self.label]), unreadable=unreadable,
+                            tags=torch.from_numpy(two_hot(self.data.tags[pos], self.tag_width))
+                            if self.tag_width else None)

@@ -2,8 +2,9 @@
 
 Every epoch a worker streams its share of the train split (trainers/student_data.py), takes
 optimizer steps of ``global_batch_size`` rows with the configured KD loss, and evaluates its
-share of the test split. The predictions are gathered so that every rank reports the same
-validation metrics. Rank 0 writes a checkpoint at the end of every epoch and, with
+share of the validation set carved from train (``student_data.student_splits``); after the last
+epoch, with ``score_test``, its share of the test split. The predictions are gathered so that
+every rank reports the same metrics. Rank 0 writes a checkpoint at the end of every epoch and, with
 ``checkpoint_every_steps``, inside it:
 
 * ``model.safetensors`` and ``student.json`` (trainers/student.py);
@@ -43,7 +44,7 @@ from trainers.knowledge import knowledge_hashes
 from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
 from trainers.student import (StudentError, StudentSpec, build_student, decoder_for, restore_student, save_student,
                               view_size)
-from trainers.student_data import DecodedImages, StoredImages, StudentStream, batch_plan, split_rows
+from trainers.student_data import DecodedImages, StoredImages, StudentStream, batch_plan, student_splits
 from trainers.student_views import stored_views
 
 OPTIMIZER_FILE, STATE_FILE, HISTORY_FILE = "optimizer.safetensors", "trainer_state.json", "history.json"
@@ -214,13 +215,14 @@ class StudentRecipe:
             "find_unused_parameters": False}) if self.world_size > 1 else self.model
         store = FeatureStore(config["store"], create=False)
         knowledge = store.open(config["knowledge_entry"])
-        table = get_table(store, config["dataset_table"], columns=("uri", "split", "votes", "mean_score"))
+        table = get_table(store, config["dataset_table"],
+                          columns=("uri", "split", "votes", "mean_score", "tag1", "tag2"))
         hashes = knowledge_hashes(knowledge)
         views = stored_views(config["store"], PixelViewSpec.from_json(config["view"])) \
             if config["images"] == "stored" else None
-        self.streams = {split: self._stream(split_rows(table, hashes, split, self.spec.label), views,
-                                            knowledge.layout.shard_rows, train=split == "train")
-                        for split in ("train", "test")}
+        self.streams = {split: self._stream(data, views, knowledge.layout.shard_rows, train=split == "train")
+                        for split, data in student_splits(table, hashes, self.spec.label,
+                                                          config["val_fraction"]).items()}
 
     def _stream(self, data, views, locality_rows: int, train: bool) -> StudentStream:
         """A split's stream: from the stored ``views``, or decoding (``views`` None) in blocks of
@@ -231,7 +233,8 @@ class StudentRecipe:
         batch = self.batches if train else max(self.batches.micro_sizes(0))
         return StudentStream(config["store"], config["knowledge_entry"], data, self.spec.label,
                              World(self.rank, self.world_size), batch, images, config["seed"],
-                             window_blocks=config["window_blocks"], channels_last=self.cuda, pin_memory=self.cuda)
+                             window_blocks=config["window_blocks"], channels_last=self.cuda, pin_memory=self.cuda,
+                             tag_width=self.spec.tag_width)
 
     # -- train -----------------------------------------------------------------------------------
 
@@ -278,25 +281,32 @@ class StudentRecipe:
             metrics.update({"epoch": epoch, "train_rows_seen": int(seen), "unreadable_rows": unreadable,
                             "lr": self.optimizer.param_groups[0]["lr"], "steps": steps,
                             "global_batch_size": config["global_batch_size"], "world_sizes": list(self.world_sizes),
-                            **{f"val_{k}": v for k, v in validate(self.ddp_model, self.streams["test"], label,
+                            **{f"val_{k}": v for k, v in validate(self.ddp_model, self.streams["val"], label,
                                                                      device).items()},
                             "epoch_seconds": time.perf_counter() - started})
             self.history.append(metrics)
             self.state = RunState(epoch + 1)
+            if epoch == config["epochs"] - 1 and config["score_test"]:  # reported, not part of the history
+                metrics = {**metrics, **{f"test_{k}": v for k, v in validate(self.ddp_model, self.streams["test"],
+                                                                            label, device).items()}}
             self.save(self.state, metrics)
 
     def _forward(self, batch, weight: torch.Tensor, sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward and backward of one micro-batch; gradients all-reduce only on the step's last."""
+        """Forward and backward of one micro-batch; gradients all-reduce only on the step's last.
+        A student with tags gets the batch's two-hot vectors as input (multi-modal) and/or as the
+        target of its tag head (``multitask``)."""
         device, label = self.device, self.spec.label
         images = batch.images.to(device, non_blocking=True)
+        tags = None if batch.tags is None else batch.tags.to(device, non_blocking=True)
         no_sync = self.ddp_model.no_sync() if self.world_size > 1 and not sync else contextlib.nullcontext()
         with no_sync:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-                f_s, logits = self.ddp_model(images)
+                f_s, logits, *tag_logits = self.ddp_model(images, tags, predict_tags=self.spec.tag_head)
             f_s, logits = f_s.float(), logits.float()
-            outputs = StudentOutputs(logits[:, 0] if label == "binary" else prediction(label, logits), f_s)
+            outputs = StudentOutputs(logits[:, 0] if label == "binary" else prediction(label, logits), f_s,
+                                     tag_logits[0].float() if tag_logits else None)
             targets = Targets(batch.gt.to(device, non_blocking=True), batch.teacher_prediction.to(device, non_blocking=True),
-                              batch.teacher_feature.to(device, non_blocking=True))
+                              batch.teacher_feature.to(device, non_blocking=True), tags)
             total, terms = student_loss(self.loss_spec, outputs, targets, weight)
             (total * self.batches.loss_scale(len(batch.rows))).backward()
         return total, terms
@@ -350,13 +360,14 @@ def validate(model, stream: StudentStream, label: str, device: torch.device) -> 
     for batch in stream.epoch(0):
         keep = batch.weight.numpy() > 0
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            _, logits = model(batch.images.to(device, non_blocking=True))
+            _, logits = model(batch.images.to(device, non_blocking=True),
+                              None if batch.tags is None else batch.tags.to(device, non_blocking=True))
         pred = prediction(label, logits).float().cpu().numpy()
         rows.append(batch.rows[keep])
         preds.append(pred[keep])
         gts.append(batch.gt.numpy()[keep])
-    if not rows:  # an empty test split: every rank has zero steps (equal steps per rank)
+    if not rows:  # an empty split: every rank has zero steps (equal steps per rank)
         return {}
     all_rows, pred, gt = (_gather_rows(np.concatenate(parts), device) for parts in (rows, preds, gts))
-    assert len(np.unique(all_rows)) == len(all_rows), "a test row was predicted twice"
+    assert len(np.unique(all_rows)) == len(all_rows), "a row was predicted twice"
     return {k: v for k, v in evaluate_label(label, pred, gt).items() if v is not None}

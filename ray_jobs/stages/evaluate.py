@@ -5,7 +5,9 @@ has it, else on the CPU. Metrics follow ``trainers.metrics``: SRCC and PLCC on m
 (Σ k·p_k), Acc with high ⇔ mean score ≥ 5, EMD (r = 2) against the normalised vote
 distributions. A distribution student on a dataset with mean scores only gets SRCC/PLCC/Acc
 and ``emd: None``; a score student gets SRCC/PLCC/Acc; a binary student gets Acc alone
-(Table XV). The per-category table (Table IX) needs vote distributions and AVA tags.
+(Table XV). The per-category table (Table IX) needs vote distributions and AVA tags. A
+multi-modal student (Table XII) reads each image's two-hot tags with it, so it can only be scored
+on a dataset with tags; a ``multitask`` student's tag head is not used here.
 
 An image that cannot be read or decoded is skipped, counted in ``failed`` and named with its
 reason on stderr; metrics cover the ``n`` images that were scored. The result carries the
@@ -27,7 +29,7 @@ from featurestore.store import FeatureStore
 from ray_jobs.config import ConfigError, option
 from ray_jobs.stages.dataset_input import DatasetConfig, knowledge_table, load_table
 from ray_jobs.runtime import Progress, log
-from trainers.labels import NUM_BINS, evaluate_label, labelled_rows, targets_for
+from trainers.labels import NUM_BINS, evaluate_label, labelled_rows, scoring_tags, targets_for
 from trainers.metrics import mean_score, per_category
 from trainers.student import load_student, score_images
 
@@ -155,8 +157,10 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 def score_table(cfg: EvaluateConfig, model, spec, manifest: DatasetTable) -> EvaluateResult:
     """Score ``cfg.split`` of ``manifest`` (already split)."""
     rows = labelled_rows(manifest, cfg.split)
+    tags = None if spec.semantic is None else \
+        scoring_tags(manifest.name, None if manifest.tags is None else np.asarray(manifest.tags)[rows], spec.tag_width)
     progress = Progress(JOB, len(rows), unit="images")
-    scores = score_images(model, [manifest.uris[i] for i in rows], cfg.batch_size, progress.add)
+    scores = score_images(model, [manifest.uris[i] for i in rows], cfg.batch_size, progress.add, tags=tags)
     failed = np.flatnonzero(~scores.ok)
     for i in failed:
         log(JOB, f"failed {manifest.image_ids[rows[i]]}: {scores.reasons[i]}")

@@ -5,14 +5,18 @@ Stages, each the same function its own job calls, and each reusing what the stor
 1. ``demo_data`` (optional): generate the demo dataset at ``dataset.path`` (once);
 2. extraction (``ray_jobs.stages.extract``): backbones at full resolution → GSF entry. A complete entry
    means zero forward passes;
-3. distillation (``ray_jobs.stages.distill``): GSFs → knowledge entry. A complete entry means no refit;
+3. distillation (``ray_jobs.stages.distill``): GSFs → knowledge entry. A complete entry means no refit.
+   With ``teacher_seeds``, the distiller is also fitted once per seed on the first split (Fig. 7:
+   the teacher's spread over training randomness), each fit its own entry; the students still
+   learn from the distill section's seed;
 4. students (``ray_jobs.stages.train``): every ``students`` × ``losses`` × ``seeds`` experiment
    on Ray Train, then ``ray_jobs.stages.evaluate`` on the test split. A finished experiment is recorded
    in ``report/runs/<name>.json`` (the name hashes its whole training config and the knowledge
    entry), and a later run with the same experiment reads the record instead of training;
 5. the report: ``report/report.md`` with the Tables V/VIII-shaped table (model, input, params,
    FLOPs, SRCC, PLCC, Acc, EMD, wall time), the KD-vs-baseline comparison over seeds, and PNG
-   plots (predicted vs ground truth, per category, training curves).
+   plots (predicted vs ground truth, per category, training curves; KD vs baseline per split
+   with several splits, Fig. 6; the teacher over its seeds with ``teacher_seeds``, Fig. 7).
 
 ``report`` is a local directory or an ``s3://`` prefix. An S3 report is assembled in a local
 staging directory that starts with the prefix's run records and is uploaded at the end, also
@@ -64,7 +68,7 @@ JOB = "pipeline"
 SET_BY_PIPELINE = {
     "extract": ("dataset", "store", "ray_address", "num_cpus"),
     "distill": ("dataset", "store", "gsf_entry", "ray_address"),
-    "train": ("store", "knowledge_entry", "student", "loss", "seed", "name", "ray_address", "num_cpus"),
+    "train": ("store", "knowledge_entry", "student", "loss", "seed", "name", "ray_address", "num_cpus", "score_test"),
 }
 SIZE_SAMPLE = 32  # images whose size gives the teacher's "full res" input in the table
 
@@ -83,6 +87,10 @@ class PipelineConfig:
     splits: tuple[str, ...] = option((), help="dataset.split specs (official, file:PATH, cv:K:FOLD[:SEED], "
                                               "random:FRACTION:SEED): one knowledge entry and one set of student "
                                               "runs each (Fig. 6); empty: dataset.split")
+    teacher_seeds: tuple[int, ...] = option((), help="distiller seeds to fit on the first split, one knowledge entry "
+                                                     "each, for the teacher's spread over training randomness "
+                                                     "(Fig. 7); students still learn from distill.seed's knowledge; "
+                                                     "empty: none")
     evaluate_batch_size: int = option(32, help="images per forward pass when scoring the test split")
     report: str = option("report", help="report.md, plots, predictions and run records: local directory or s3:// prefix")
     ray_address: str | None = option(None, help="Ray cluster address; default RAY_ADDRESS or a local instance")
@@ -98,6 +106,8 @@ class PipelineConfig:
                 raise ConfigError(f"splits: {exc}") from None
         if len(set(self.split_list)) != len(self.split_list):
             raise ConfigError(f"splits repeat: {list(self.splits)}")
+        if len(set(self.teacher_seeds)) != len(self.teacher_seeds):
+            raise ConfigError(f"teacher_seeds repeat: {list(self.teacher_seeds)}")
         if self.dataset.path is None:
             raise ConfigError("dataset.path is required: the dataset the pipeline extracts and trains on")
         if self.demo_data and (self.dataset.format != "ava" or "://" in self.dataset.path):
@@ -138,13 +148,13 @@ def stage_configs(cfg: PipelineConfig) -> tuple[ExtractConfig, DistillConfig]:
 
 #: Training keys that do not change what a student run computes, so not part of its name.
 NOT_IDENTITY = ("ray_address", "num_cpus", "storage_path", "max_failures", "store", "checkpoint_every_steps",
-                "log_every_steps")
+                "log_every_steps", "name")
 
 
 def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | None = None) -> list[Experiment]:
     """Students × losses × seeds on one split's knowledge, each named ``<loss>-<backbone>-s<seed>-<hash>``:
-    the hash covers the knowledge entry (and so the split) and every training key, so equal names
-    mean equal experiments."""
+    the hash covers the knowledge entry (and so the split) and every training key with its
+    default filled in, so equal names mean equal experiments, and a changed default is a new name."""
     split = split or cfg.split_list[0]
     suffix = f" [{split}]" if len(cfg.split_list) > 1 else ""
     losses = [from_dict(LossConfig, {"kind": loss}, prefix="losses.") if isinstance(loss, str) else loss
@@ -155,13 +165,15 @@ def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | Non
             for seed in cfg.seeds:
                 tree = {**cfg.train, "store": cfg.store, "knowledge_entry": knowledge_entry,
                         "student": as_dict(student), "loss": as_dict(loss), "seed": seed,
-                        "ray_address": cfg.ray_address, "num_cpus": cfg.num_cpus}
-                identity = {k: v for k, v in tree.items() if k not in NOT_IDENTITY}
+                        "ray_address": cfg.ray_address, "num_cpus": cfg.num_cpus,
+                        "score_test": False}  # scored once, by the evaluate stage
+                config = from_dict(TrainConfig, tree, prefix="train.")
+                identity = {k: v for k, v in as_dict(config).items() if k not in NOT_IDENTITY}
                 digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-                name = f"{loss.kind}-{student.backbone}-s{seed}-{digest}".replace("/", "_")
-                config = from_dict(TrainConfig, {**tree, "name": name}, prefix="train.")
-                experiments.append(Experiment(config, model=f"Student {student.backbone}, {loss.kind}{suffix}",
-                                              group=f"{student.backbone}@{student.view}{suffix}", split=split))
+                config = replace(config, name=f"{loss.kind}-{student.backbone}-s{seed}-{digest}".replace("/", "_"))
+                who = student.backbone + (f" ({student.semantic})" if student.semantic else "")  # Table XII's rows
+                experiments.append(Experiment(config, model=f"Student {who}, {loss.kind}{suffix}",
+                                              group=f"{who}@{student.view}{suffix}", split=split))
     return experiments
 
 
@@ -169,6 +181,7 @@ def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | Non
 class PipelineResult:
     """What one pipeline run did: the ``report`` written and its ``table``; ``extract`` and
     ``distill`` (the first split's knowledge) in brief; ``splits`` one knowledge entry each;
+    ``teacher_seeds`` one distiller fit per teacher seed (its entry and test metrics);
     ``students`` one per experiment (trained or reused); ``failed`` student runs with their errors."""
 
     report: str
@@ -176,6 +189,7 @@ class PipelineResult:
     extract: dict[str, Any]
     distill: dict[str, Any]
     splits: list[dict[str, Any]]
+    teacher_seeds: list[dict[str, Any]]
     students: list[dict[str, Any]]
     trained: int
     reused_students: int
@@ -209,21 +223,31 @@ def plan(cfg: PipelineConfig) -> dict:
     else:
         extraction = dataclasses.asdict(plan_extract(extract_cfg, store, use_gpu=plans_gpu(extract_cfg)))
     records = Backend(cfg.report, create=False) if "://" in cfg.report or Path(cfg.report).is_dir() else None
+
+    def plan_knowledge(split: str, seed: int) -> dict:
+        return {"entry": None, "reused": False} if generate else \
+            plan_distill(replace(distill_cfg, gsf_entry=extraction["entry"], seed=seed,
+                                 dataset=replace(distill_cfg.dataset, split=split)), store)
+
     splits, students = [], []
     for split in cfg.split_list:
-        knowledge = {"entry": None, "reused": False} if generate else \
-            plan_distill(replace(distill_cfg, gsf_entry=extraction["entry"],
-                                 dataset=replace(distill_cfg.dataset, split=split)), store)
+        knowledge = plan_knowledge(split, distill_cfg.seed)
         splits.append({"split": split, **knowledge})
         for experiment in plan_experiments(cfg, knowledge["entry"] or "(not yet known)", split):
             name = experiment.config.name if knowledge["entry"] else None
             students.append({"name": name, "split": split, "backbone": experiment.config.student.backbone,
                              "loss": experiment.config.loss.kind, "seed": experiment.config.seed,
                              "reused": bool(name and records and records.exists(f"runs/{name}.json"))})
+    first = splits[0]  # the distill seed's own fit is the students' knowledge, planned above
+    teacher_fits = [{"seed": seed, "split": first["split"],
+                     **({k: first[k] for k in ("entry", "reused")} if seed == distill_cfg.seed
+                        else plan_knowledge(first["split"], seed))} for seed in cfg.teacher_seeds]
+    fits = sum(not s["reused"] for s in splits) + sum(not t["reused"] for t in teacher_fits
+                                                      if t["seed"] != distill_cfg.seed)
     return {"store": cfg.store, "report": cfg.report, "demo_data": generate, "extract": extraction, "splits": splits,
-            "students": students, "to_compute": {"images": extraction["missing_rows"],
-                                                 "knowledge_fits": sum(not s["reused"] for s in splits),
-                                                 "student_runs": sum(not s["reused"] for s in students)}}
+            "teacher_seeds": teacher_fits, "students": students,
+            "to_compute": {"images": extraction["missing_rows"], "knowledge_fits": fits,
+                           "student_runs": sum(not s["reused"] for s in students)}}
 
 
 def plans_gpu(cfg: ExtractConfig) -> bool:
@@ -279,7 +303,8 @@ def run(cfg: PipelineConfig, extract_cfg: ExtractConfig, distill_cfg: DistillCon
              f"{'reused' if extracted.reused else 'computed'} ({extracted.seconds:.0f} s)")
     store = FeatureStore(cfg.store)
     dataset = GsfView(store, extracted.entry).dataset()
-    log(JOB, f"stage 2/3: teacher knowledge (distiller) for {len(cfg.split_list)} split(s)")
+    log(JOB, f"stage 2/3: teacher knowledge (distiller) for {len(cfg.split_list)} split(s)"
+             + (f" and {len(cfg.teacher_seeds)} teacher seed(s)" if cfg.teacher_seeds else ""))
     distilled, teachers, experiments = {}, [], []
     for split in cfg.split_list:
         result = distill(replace(distill_cfg, gsf_entry=extracted.entry,
@@ -291,6 +316,8 @@ def run(cfg: PipelineConfig, extract_cfg: ExtractConfig, distill_cfg: DistillCon
         teachers.append(teacher_model(store.open(result.entry), dataset.resplit(SplitSpec.parse(split)), out,
                                       extracted, result, split if len(cfg.split_list) > 1 else None))
         experiments += plan_experiments(cfg, result.entry, split)
+
+    teacher_seeds = fit_teacher_seeds(cfg, distill_cfg, extracted.entry, distilled[cfg.split_list[0]])
 
     log(JOB, f"stage 3/3: {len(experiments)} student runs ({len(cfg.students)} students × "
              f"{len(cfg.losses)} losses × {len(cfg.seeds)} seeds × {len(cfg.split_list)} splits)")
@@ -307,7 +334,7 @@ def run(cfg: PipelineConfig, extract_cfg: ExtractConfig, distill_cfg: DistillCon
 
     first = distilled[cfg.split_list[0]]
     results = report_input(cfg, dataset.resplit(SplitSpec.parse(cfg.split_list[0])), extracted, first, teachers,
-                           experiments[0].config, runs, failed)
+                           experiments[0].config, runs, failed, teacher_seeds)
     written = report.write_report(results, out)
     for line in written["table"].splitlines():
         log(JOB, line)
@@ -321,11 +348,30 @@ def run(cfg: PipelineConfig, extract_cfg: ExtractConfig, distill_cfg: DistillCon
             "splits": [{"split": split, **{k: getattr(d, k) for k in ("entry", "reused", "test", "train_rows",
                                                                       "test_rows")}}
                        for split, d in distilled.items()],
+            "teacher_seeds": teacher_seeds,
             "students": [{"name": e.config.name, "loss": e.config.loss.kind, "seed": e.config.seed,
                           "backbone": e.config.student.backbone, "reused": r["reused"], "metrics": r["metrics"],
                           "checkpoint": r["checkpoint"], "seconds": r["seconds"]} for e, r in runs],
             "trained": sum(not r["reused"] for _, r in runs), "reused_students": sum(r["reused"] for _, r in runs),
             "failed": failed}
+
+
+def fit_teacher_seeds(cfg: PipelineConfig, distill_cfg: DistillConfig, gsf_entry: str,
+                      students_knowledge: DistillResult) -> list[dict]:
+    """Fig. 7: the distiller fitted once per ``cfg.teacher_seeds`` seed on the first split, each fit
+    its own knowledge entry (the seed is part of its key), reused when complete. The distill
+    section's own seed is ``students_knowledge``, already fitted. Returns one ``{"seed", "split",
+    "entry", "reused", "metrics" (the fit's test metrics), "seconds"}`` per seed."""
+    split = cfg.split_list[0]
+    on_split = replace(distill_cfg, gsf_entry=gsf_entry, dataset=replace(distill_cfg.dataset, split=split))
+    fits = []
+    for seed in cfg.teacher_seeds:
+        result = students_knowledge if seed == distill_cfg.seed else distill(replace(on_split, seed=seed))
+        log(JOB, f"teacher seed {seed}: knowledge entry {result.entry}: "
+                 f"{'reused, no refit' if result.reused else 'fitted'}; test {fmt_metrics(result.test)}")
+        fits.append({"seed": seed, "split": split, "entry": result.entry, "reused": result.reused,
+                     "metrics": result.test or {}, "seconds": result.seconds})
+    return fits
 
 
 def run_experiment(cfg: PipelineConfig, experiment: Experiment, out: Path, position: str) -> dict:
@@ -434,8 +480,9 @@ def median_size(uris: list[str]) -> tuple[int, int]:
 
 def report_input(cfg: PipelineConfig, dataset: DatasetTable, extracted: ExtractResult, distilled: DistillResult,
                  teachers: list[dict], train_cfg: TrainConfig, runs: list[tuple[Experiment, dict]],
-                 failed: list[dict]) -> dict:
-    """What ``ray_jobs.stages.report`` renders: one teacher row, one row per student × loss over seeds."""
+                 failed: list[dict], teacher_seeds: list[dict]) -> dict:
+    """What ``ray_jobs.stages.report`` renders: one teacher row, one row per student × loss over seeds,
+    and the teacher-seed fits (``fit_teacher_seeds``)."""
     models: dict[str, dict] = {}
     for experiment, record in runs:
         spec = StudentSpec.from_json(record["student"])
@@ -466,8 +513,12 @@ def report_input(cfg: PipelineConfig, dataset: DatasetTable, extracted: ExtractR
                         f"{train_cfg.num_workers} workers, Adam {train_cfg.lr:g} ÷10 every {train_cfg.lr_step_epochs} epochs",
             "seeds": ", ".join(map(str, cfg.seeds)),
             "splits": ", ".join(cfg.split_list),
+            **({"teacher seeds": f"{', '.join(str(f['seed']) for f in teacher_seeds)} on {teacher_seeds[0]['split']}, "
+                                 f"one knowledge entry each; the students learn from the knowledge entry above"}
+               if teacher_seeds else {}),
         },
         "models": [*teachers, *models.values()], "notes": notes,
+        **({"teacher_seeds": teacher_seeds} if teacher_seeds else {}),
     }
 
 

@@ -2,7 +2,10 @@
 
 ``images`` is a folder or ``s3://`` prefix (every image under it, sorted by path) or a CSV file
 with an ``image`` column (``featurestore.datasets``, format ``csv``). Each image is seen
-through the student's own view, on CUDA when this machine has it.
+through the student's own view, on CUDA when this machine has it. A multi-modal student
+(Table XII) also reads each image's semantic tags: give it a CSV with ``tag1``/``tag2`` columns
+(tag ids of the dataset it was trained on, 0 = none). A ``multitask`` student's tag head is not
+used: its columns are those of its label.
 
 Columns: ``image_id``, ``uri``, then by the student's label
 
@@ -30,7 +33,7 @@ from featurestore.datasets import load_dataset
 from ray_jobs.config import ConfigError, option
 from ray_jobs.stages.evaluate import checkpoint_name
 from ray_jobs.runtime import Progress, log
-from trainers.labels import NUM_BINS
+from trainers.labels import NUM_BINS, scoring_tags
 from trainers.metrics import mean_score
 from trainers.student import Scores, load_student, score_images
 
@@ -78,8 +81,9 @@ def predict(cfg: PredictConfig) -> PredictResult:
     model.to(device)
     log(JOB, f"student {spec.backbone} ({spec.label}, view {spec.view}) on {device}")
     manifest = load_dataset(cfg.images, "csv" if cfg.images.lower().endswith(".csv") else "folder")
+    tags = None if spec.semantic is None else scoring_tags(manifest.name, manifest.tags, spec.tag_width)
     progress = Progress(JOB, len(manifest), unit="images")
-    scores = score_images(model, list(manifest.uris), cfg.batch_size, progress.add)
+    scores = score_images(model, list(manifest.uris), cfg.batch_size, progress.add, tags=tags)
     header, values = score_columns(spec.label, scores)
     output = Path(cfg.output or f"{checkpoint_name(cfg.checkpoint)}-predictions.csv")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -12,17 +12,28 @@ in, files out, no torch, no Ray — lets it be tested in milliseconds and re-run
 
     {"title": str, "setup": {str: str}, "notes": [markdown paragraph, ...],
      "models": [{"name", "role": "teacher" | "student", "loss": str | None, "group": str | None,
+                 "split": str | None,   # the split the model was trained and scored on
                  "input": str, "params": int, "flops": float (one image; one multiply-add = one FLOP),
                  "runs": [{"seed", "seconds", "reused",
                            "metrics": {"srcc", "plcc", "acc", "emd"} (float | None),
                            "gt_mean": [...], "pred_mean": [...],   # test split, 1..10 scale
                            "per_category": [{"name", "n", "portion", "srcc", ...}, ...],
                            "history": [{"epoch", "loss", "val_srcc" (optional)}, ...]}, ...]},
-                ...]}
+                ...],
+     "teacher_seeds": [{"seed", "split", "entry", "reused",            # optional (Fig. 7): the
+                        "metrics": {"srcc", "plcc", "acc", "emd"}}]}  # distiller refitted per seed
 
 Across a model's runs (one per seed) every metric is reported as mean ± sample sd (ddof = 1).
 A loss is called better or worse than the baseline only when the difference of means exceeds
 the larger of the two seed spreads; anything smaller is reported as no clear difference.
+
+Two of the paper's figures appear when the results hold what they need. Fig. 6 (students in a
+group named ``"<student> [<split>]"``, on two or more splits): per split, each loss's SRCC next
+to its student's baseline, the gains in a table and the range of the gain over splits in words.
+Fig. 7 (``teacher_seeds``): the teacher's test metrics over distiller seeds as box plots and
+their min, max and range: the variation that training randomness alone causes, which an
+improvement must exceed to mean anything. Each of these PNGs has a JSON sidecar of the numbers it
+draws, so the figure can be checked or redrawn without reading pixels.
 
 Plots use matplotlib's ``Figure`` with the Agg canvas directly (never pyplot), so rendering is
 headless, leaves no global figure state behind, and matplotlib is imported only when plotting.
@@ -51,6 +62,10 @@ MINUS = "−"
 SCATTER_PNG = "scatter.png"
 CATEGORIES_PNG = "categories.png"
 TRAINING_CURVES_PNG = "training_curves.png"
+SPLITS_PNG = "splits.png"
+TEACHER_SEEDS_PNG = "teacher_seeds.png"
+#: the metrics of the paper's Figs. 6 and 7 (its ranges are given for these three)
+FIGURE_METRICS = ("srcc", "plcc", "acc")
 SEED_LINESTYLES = ("-", "--", ":", "-.")
 
 
@@ -186,46 +201,150 @@ def seeds_phrase(candidate: dict, baseline: dict) -> str:
     return f"{a} vs {b} seeds"
 
 
-def comparison_lines(results: dict) -> list[str]:
-    """One sentence per non-baseline loss of every student group that has a baseline: SRCC and EMD."""
+def loss_pairs(results: dict) -> list[tuple[str, dict, dict]]:
+    """``(group, model, baseline)`` for every student loss other than the baseline whose group has
+    a baseline: the pairs every KD-vs-baseline comparison of the report is made of."""
     groups: dict[str, list[dict]] = {}
     for model in results["models"]:
         if model["role"] == "student" and model.get("group") is not None:
             groups.setdefault(model["group"], []).append(model)
-    lines = []
-    over_splits: dict[tuple[str, str], list[float]] = {}  # (student, loss) → SRCC gain per split
+    pairs = []
     for group, models in groups.items():
         baseline = next((m for m in models if m.get("loss") == "baseline"), None)
-        if baseline is None:
-            continue
-        baseline_summary = summarize(baseline)
-        for model in models:
-            loss = model.get("loss")
-            if loss in (None, "baseline"):
-                continue
-            summary = summarize(model)
-            clauses = [c for m in ("srcc", "emd") if (c := metric_comparison(m, loss, summary, baseline_summary))]
-            lines.append(f"{loss} vs baseline ({group}, {seeds_phrase(summary, baseline_summary)}): "
-                         + (" ".join(clauses) if clauses else "no metric is available for both."))
-            a, b = summary["metrics"]["srcc"]["mean"], baseline_summary["metrics"]["srcc"]["mean"]
-            if model.get("split") is not None and a is not None and b is not None:
-                student = group.rsplit(" [", 1)[0]
-                over_splits.setdefault((student, loss), []).append(a - b)
-    lines += split_range_lines(over_splits)
-    return lines
+        if baseline is not None:
+            pairs += [(group, m, baseline) for m in models if m.get("loss") not in (None, "baseline")]
+    return pairs
 
 
-def split_range_lines(gains: dict[tuple[str, str], list[float]]) -> list[str]:
-    """Fig. 6 in words: the range of the SRCC improvement over splits, and on how many it is positive."""
+def comparison_lines(results: dict) -> list[str]:
+    """One sentence per non-baseline loss of every student group that has a baseline: SRCC and EMD;
+    then, with several splits, the range of the improvement over them."""
     lines = []
-    for (student, loss), values in gains.items():
-        if len(values) < 2:
+    for group, model, baseline in loss_pairs(results):
+        loss = model["loss"]
+        summary, baseline_summary = summarize(model), summarize(baseline)
+        clauses = [c for m in ("srcc", "emd") if (c := metric_comparison(m, loss, summary, baseline_summary))]
+        lines.append(f"{loss} vs baseline ({group}, {seeds_phrase(summary, baseline_summary)}): "
+                     + (" ".join(clauses) if clauses else "no metric is available for both."))
+    return lines + split_range_lines(split_comparisons(results))
+
+
+def split_comparisons(results: dict) -> list[dict]:
+    """Fig. 6's numbers: one ``{"student", "loss", "split", "metrics": {m: {"loss", "baseline":
+    mean_sd, "gain": difference of means or None}}}`` per non-baseline loss of a student on a split.
+    ``student`` is the group's name without its `` [split]`` suffix, so it is the same on every split."""
+    rows = []
+    for group, model, baseline in loss_pairs(results):
+        split = model.get("split")
+        if split is None:
             continue
-        lines.append(f"{loss} vs baseline ({student}) over {len(values)} splits: SRCC improvement from "
-                     f"{format_signed(min(values))} to {format_signed(max(values))} "
-                     f"(mean {format_signed(sum(values) / len(values))}); positive on {sum(v > 0 for v in values)} "
-                     f"of {len(values)}.")
+        ours, theirs = summarize(model)["metrics"], summarize(baseline)["metrics"]
+        metrics = {}
+        for m in FIGURE_METRICS:
+            a, b = ours[m]["mean"], theirs[m]["mean"]
+            metrics[m] = {"loss": ours[m], "baseline": theirs[m], "gain": None if a is None or b is None else a - b}
+        rows.append({"student": group.removesuffix(f" [{split}]"), "loss": model["loss"], "split": split,
+                     "metrics": metrics})
+    return rows
+
+
+def compared_splits(comparisons: list[dict]) -> list[str]:
+    """The splits of these comparisons, in order of appearance."""
+    return list(dict.fromkeys(row["split"] for row in comparisons))
+
+
+def split_range_lines(comparisons: list[dict]) -> list[str]:
+    """Fig. 6 in words: per student and loss on two or more splits, the range of the SRCC
+    improvement and on how many splits it is positive, then PLCC's and Acc's ranges."""
+    by_pair: dict[tuple[str, str], list[dict]] = {}
+    for row in comparisons:
+        if row["metrics"]["srcc"]["gain"] is not None:
+            by_pair.setdefault((row["student"], row["loss"]), []).append(row)
+    lines = []
+    for (student, loss), rows in by_pair.items():
+        if len(rows) < 2:
+            continue
+        srcc = [row["metrics"]["srcc"]["gain"] for row in rows]
+        line = (f"{loss} vs baseline ({student}) over {len(rows)} splits: SRCC improvement from "
+                f"{format_signed(min(srcc))} to {format_signed(max(srcc))} "
+                f"(mean {format_signed(sum(srcc) / len(srcc))}); positive on {sum(v > 0 for v in srcc)} "
+                f"of {len(srcc)}.")
+        for m in FIGURE_METRICS[1:]:
+            gains = [row["metrics"][m]["gain"] for row in rows]
+            if None not in gains:
+                line += f" {METRIC_LABELS[m]} from {format_signed(min(gains))} to {format_signed(max(gains))}."
+        lines.append(line)
     return lines
+
+
+def format_gain(gain: float | None) -> str:
+    return MISSING if gain is None else format_signed(gain)
+
+
+def split_table(comparisons: list[dict]) -> str:
+    """Fig. 6 as a table: per student, loss and split, SRCC of the loss and of the baseline (mean
+    ± sample sd over seeds) and the gain of each metric (difference of means)."""
+    header = ("Student", "Loss", "Split", "SRCC", "Baseline SRCC",
+              *(f"{METRIC_LABELS[m]} gain" for m in FIGURE_METRICS))
+    rows = ([row["student"], row["loss"], row["split"], format_stat(row["metrics"]["srcc"]["loss"]),
+             format_stat(row["metrics"]["srcc"]["baseline"]),
+             *(format_gain(row["metrics"][m]["gain"]) for m in FIGURE_METRICS)] for row in comparisons)
+    return markdown_table(header, rows)
+
+
+def split_bars(comparisons: list[dict]) -> list[dict]:
+    """What ``splits.png`` draws: per student, its splits and one bar series per loss (the
+    baseline first), SRCC mean and sample sd per split (None where the loss has no run there)."""
+    students: dict[str, dict] = {}
+    for row in comparisons:
+        student = students.setdefault(row["student"], {"student": row["student"], "splits": [], "srcc": {}})
+        if row["split"] not in student["splits"]:
+            student["splits"].append(row["split"])
+        for loss, stat in (("baseline", row["metrics"]["srcc"]["baseline"]), (row["loss"], row["metrics"]["srcc"]["loss"])):
+            student["srcc"].setdefault(loss, {})[row["split"]] = stat
+    return [{"student": s["student"], "splits": s["splits"],
+             "bars": [{"loss": loss, "mean": [by_split.get(split, mean_sd(()))["mean"] for split in s["splits"]],
+                       "sd": [by_split.get(split, mean_sd(()))["sd"] for split in s["splits"]]}
+                      for loss, by_split in s["srcc"].items()]}
+            for s in students.values()]
+
+
+# ---------------------------------------------------------------- teacher seeds
+
+
+def teacher_seed_values(results: dict) -> dict[str, list[float]]:
+    """What ``teacher_seeds.png`` draws: each metric's values over the teacher seeds that have it."""
+    fits = results.get("teacher_seeds") or []
+    return {m: [float(fit["metrics"][m]) for fit in fits if fit["metrics"].get(m) is not None] for m in METRICS}
+
+
+def teacher_seed_table(results: dict) -> str:
+    """Fig. 7's ranges: per metric the number of seeds, min, max, range (max − min) and mean ± sd."""
+    rows = ([METRIC_LABELS[m], str(len(values)), f"{min(values):.3f}", f"{max(values):.3f}",
+             f"{max(values) - min(values):.3f}", format_stat(mean_sd(values))]
+            for m, values in teacher_seed_values(results).items() if values)
+    return markdown_table(("Metric", "Seeds", "Min", "Max", "Range", "Mean ± sd"), rows)
+
+
+def teacher_seed_fits_table(results: dict) -> str:
+    """One row per teacher seed: its test metrics and its knowledge entry."""
+    rows = ([str(fit["seed"]), *(MISSING if fit["metrics"].get(m) is None else f"{fit['metrics'][m]:.3f}"
+                                 for m in METRICS),
+             f"`{fit['entry']}`" + (" (reused)" if fit["reused"] else "")]
+            for fit in results["teacher_seeds"])
+    return markdown_table(("Seed", *(METRIC_LABELS[m] for m in METRICS), "Knowledge entry"), rows)
+
+
+def significance_line(results: dict, comparisons: list[dict]) -> str | None:
+    """The paper's use of Fig. 7: how many per-split SRCC improvements exceed the teacher's SRCC
+    range over training seeds (None without both)."""
+    srcc = teacher_seed_values(results)["srcc"]
+    gains = [row["metrics"]["srcc"]["gain"] for row in comparisons if row["metrics"]["srcc"]["gain"] is not None]
+    if len(srcc) < 2 or len(compared_splits(comparisons)) < 2 or not gains:
+        return None
+    spread = max(srcc) - min(srcc)
+    return (f"The teacher's SRCC varies by {spread:.3f} over {len(srcc)} training seeds; "
+            f"{sum(g > spread for g in gains)} of {len(gains)} per-split SRCC improvements exceed that.")
 
 
 # ---------------------------------------------------------------- per category
@@ -389,6 +508,58 @@ def plot_training_curves(results: dict, out_dir: str | os.PathLike) -> str:
     return save_figure(figure, out_dir, TRAINING_CURVES_PNG)
 
 
+def save_figure_data(data, out_dir: str | os.PathLike, png: str) -> None:
+    """The numbers a figure draws, as JSON beside its PNG (``splits.png`` → ``splits.json``)."""
+    text = json.dumps(data, indent=1, ensure_ascii=False, default=plain)
+    atomic_write_bytes(Path(out_dir) / Path(png).with_suffix(".json").name, text.encode())
+
+
+def plot_splits(comparisons: list[dict], out_dir: str | os.PathLike) -> str:
+    """Fig. 6: per split, SRCC of each loss beside its student's baseline (mean over seeds, error
+    bars ± sample sd where a split has several seeds), one panel per student."""
+    import matplotlib
+
+    bars = split_bars(comparisons)
+    figure = new_figure(max(7.0, 1.2 * max(len(s["splits"]) for s in bars) + 3), 4.5 * len(bars))
+    colours = matplotlib.colormaps["tab10"]
+    for axes, student in zip(figure.subplots(len(bars), 1, squeeze=False).ravel(), bars):
+        width = 0.8 / len(student["bars"])
+        for i, series in enumerate(student["bars"]):
+            x = [c + (i - (len(student["bars"]) - 1) / 2) * width for c in range(len(student["splits"]))]
+            heights = [math.nan if v is None else v for v in series["mean"]]
+            errors = [0.0 if v is None else v for v in series["sd"]]
+            axes.bar(x, heights, width, yerr=errors if any(errors) else None, capsize=3,
+                     color=colours(i % 10), label=series["loss"])
+        axes.axhline(0, color="grey", linewidth=0.8)
+        axes.set_xticks(range(len(student["splits"])), student["splits"], rotation=30, ha="right")
+        axes.set_ylabel("test SRCC (mean over seeds)")
+        axes.set_title(f"{student['student']}: KD vs baseline per train-test split", fontsize=10)
+        axes.legend(fontsize="small")
+    save_figure_data(bars, out_dir, SPLITS_PNG)
+    return save_figure(figure, out_dir, SPLITS_PNG)
+
+
+def plot_teacher_seeds(results: dict, out_dir: str | os.PathLike) -> str:
+    """Fig. 7: the teacher's SRCC, PLCC and Acc over distiller seeds, one box plot each, with
+    every seed's value drawn over its box."""
+    values = teacher_seed_values(results)
+    figure = new_figure(10, 4)
+    for axes, metric in zip(figure.subplots(1, len(FIGURE_METRICS)), FIGURE_METRICS):
+        label = METRIC_LABELS[metric]
+        if not values[metric]:
+            axes.axis("off")
+            axes.text(0.5, 0.5, f"no {label} recorded", ha="center", va="center", transform=axes.transAxes)
+            continue
+        axes.boxplot([values[metric]], widths=0.5, showfliers=False)  # every seed's value is a point
+        axes.scatter([1.0] * len(values[metric]), values[metric], s=14, color="black", alpha=0.6, zorder=3)
+        axes.set_xticks([1], [label])
+        spread = max(values[metric]) - min(values[metric])
+        axes.set_title(f"{label}: range {spread:.3f} over {len(values[metric])} seeds", fontsize=10)
+    figure.suptitle("Teacher (distiller) test metrics over training seeds")
+    save_figure_data({m: values[m] for m in FIGURE_METRICS}, out_dir, TEACHER_SEEDS_PNG)
+    return save_figure(figure, out_dir, TEACHER_SEEDS_PNG)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -411,6 +582,14 @@ COMPARISON_RULE = ("A loss is called better or worse than the baseline only when
                    "means exceeds the larger of the two seed sds; a smaller one is reported as no clear difference.")
 
 
+SPLITS_TEXT = ("Each non-baseline loss of a student against that student's baseline on every train-test "
+               "split, as in the paper's Fig. 6: SRCC is the mean ± sample sd over seeds, a gain is the "
+               "difference of means.")
+
+TEACHER_SEEDS_TEXT = ("The distiller refitted with each seed on the same split, as in the paper's Fig. 7: how much "
+                      "the teacher's test metrics move through training randomness alone. Range = max − min.")
+
+
 def report_markdown(results: dict, table: str, plots: dict[str, str]) -> str:
     comparisons = comparison_lines(results)
     sections = [f"# {results['title']}", INTRO, "## Setup", setup_table(results.get("setup", {})),
@@ -420,6 +599,16 @@ def report_markdown(results: dict, table: str, plots: dict[str, str]) -> str:
     else:
         sections.append("No student group has both a baseline and another loss, so there is nothing to compare.")
     sections += list(results.get("notes", ()))
+    by_split = split_comparisons(results)
+    if "splits" in plots:
+        sections += ["## KD vs baseline per split (Fig. 6)", SPLITS_TEXT,
+                     f"![SRCC per split, each loss beside its baseline]({plots['splits']})", split_table(by_split)]
+    if "teacher_seeds" in plots:
+        sections += ["## Teacher over training seeds (Fig. 7)", TEACHER_SEEDS_TEXT,
+                     f"![Teacher SRCC, PLCC and Acc over seeds]({plots['teacher_seeds']})",
+                     teacher_seed_table(results), teacher_seed_fits_table(results)]
+        if line := significance_line(results, by_split):
+            sections.append(line)
     sections += ["## Predicted vs ground truth (test split)",
                  f"![Predicted vs ground-truth mean score]({plots['scatter']})",
                  "## SRCC per semantic category",
@@ -431,7 +620,10 @@ def report_markdown(results: dict, table: str, plots: dict[str, str]) -> str:
 
 
 def write_report(results: dict, out_dir: str | os.PathLike) -> dict:
-    """Write report.md, results.json and the three PNGs into ``out_dir`` (created).
+    """Write report.md, results.json and the PNGs into ``out_dir`` (created): always the scatter,
+    per-category and training-curve plots; ``splits.png`` (Fig. 6) when students were compared on
+    two or more splits and ``teacher_seeds.png`` (Fig. 7) when the results have teacher seeds, each
+    with its JSON sidecar.
 
     Returns ``{"report": path of report.md, "table": the results table, "plots": [PNG paths]}``.
     """
@@ -439,6 +631,11 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plots = {"scatter": plot_scatter(results, out), "categories": plot_categories(results, out),
              "training_curves": plot_training_curves(results, out)}
+    by_split = split_comparisons(results)
+    if len(compared_splits(by_split)) >= 2:
+        plots["splits"] = plot_splits(by_split, out)
+    if results.get("teacher_seeds"):
+        plots["teacher_seeds"] = plot_teacher_seeds(results, out)
     as_json = json.dumps(results, indent=1, ensure_ascii=False, default=plain)
     atomic_write_bytes(out / "results.json", as_json.encode())
     table = results_table(results)

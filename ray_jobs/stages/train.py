@@ -25,10 +25,10 @@ from ray_jobs.config import ConfigError, as_dict, find_user_error, option
 from ray_jobs.stages.dataset_input import DatasetConfig, knowledge_table
 from ray_jobs.runtime import cluster_gpus, init_ray, is_local, log
 from trainers.knowledge import knowledge_hashes
-from trainers.labels import check_loss
+from trainers.labels import TAG_LOSSES, check_loss, check_tags
 from trainers.losses import KINDS, LossSpec
 from trainers.student import StudentSpec
-from trainers.student_data import BatchPlanError, batch_plan, split_rows
+from trainers.student_data import BatchPlanError, batch_plan, student_splits
 from trainers.student_views import StoredViews, ensure_views, pixel_view
 from trainers.weights import check_local_file
 
@@ -43,19 +43,25 @@ IMAGE_SOURCES = ("stored", "decode")
 @dataclass(frozen=True)
 class StudentConfig:
     """``StudentSpec``'s keys that a config sets, with its defaults and checks; the feature width
-    and label come from the knowledge entry, the seed from the run."""
+    and label come from the knowledge entry, the seed from the run, the tag width from the
+    dataset and the tag head from the loss (``multitask``)."""
 
     backbone: str = option(help="timm name or alias, e.g. swsl_resnext101_32x8d, resnet50, tf_efficientnet_lite0")
     weights: str = option(StudentSpec.weights, help="hub | packaged | random:<seed> | path | s3:// URI (backbone only)")
     view: str = option(StudentSpec.view, help="resize:<S> | resize:<H>x<W> | pad_crop:800:640 (Table VII)")
     freeze_backbone: bool = option(StudentSpec.freeze_backbone, help="train only the FC layers (Table V)")
+    semantic: str | None = option(StudentSpec.semantic, help="multimodal: also read the image's two-hot semantic "
+                                                             "tag vector (Table XII; needs a dataset with tags)")
 
     def __post_init__(self):
-        self.spec(StudentSpec.feature_width, StudentSpec.label, seed=0)  # StudentSpec's checks
+        # StudentSpec's checks; the tag width is the dataset's, known at training (any positive one here)
+        self.spec(StudentSpec.feature_width, StudentSpec.label, seed=0, tag_width=int(self.semantic is not None))
 
-    def spec(self, feature_width: int, label: str, seed: int) -> StudentSpec:
+    def spec(self, feature_width: int, label: str, seed: int, tag_width: int = 0,
+             tag_head: bool = False) -> StudentSpec:
         return StudentSpec(backbone=self.backbone, weights=self.weights, feature_width=feature_width, label=label,
-                           view=self.view, freeze_backbone=self.freeze_backbone, seed=seed)
+                           view=self.view, freeze_backbone=self.freeze_backbone, seed=seed, semantic=self.semantic,
+                           tag_width=tag_width, tag_head=tag_head)
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,10 @@ class TrainConfig:
     num_workers: int | tuple[int, ...] = option(2, help="DDP workers: a count, or [min, max] for an elastic run")
     cpus_per_worker: float = option(1.0, help="CPUs reserved per worker")
     epochs: int = option(12, help="paper: 12")
+    val_fraction: float = option(0.1, help="share of the train images held out (by image id) and scored every epoch; "
+                                           "the dataset's own val split instead when it has one; 0: none")
+    score_test: bool = option(True, help="score the test split once after the last epoch (the result's metrics); "
+                                         "the pipeline scores it with the evaluate stage instead")
     global_batch_size: int = option(16, help="rows per optimizer step over all workers (paper: 16); each worker "
                                              "takes its share (± 1 row when the world size does not divide it)")
     micro_batch_size: int | None = option(None, help="most rows one worker forwards at once; fewer than its share "
@@ -111,6 +121,8 @@ class TrainConfig:
         workers = (self.num_workers,) if isinstance(self.num_workers, int) else tuple(self.num_workers)
         if not 1 <= len(workers) <= 2 or min(workers) < 1 or workers != tuple(sorted(workers)):
             raise ConfigError(f"num_workers must be a count ≥ 1 or [min, max], got {self.num_workers!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if not 0 <= self.max_unreadable_fraction <= 1:
             raise ConfigError("max_unreadable_fraction must be between 0 and 1")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -138,7 +150,8 @@ def storage_uri(path: str) -> str:
 @dataclass(frozen=True)
 class TrainResult:
     """A finished student run: its ``checkpoint`` URI, ``metrics`` on the test split after the last
-    epoch (srcc, plcc, acc, emd, n), ``history`` (every epoch's metrics), ``epochs`` trained in
+    epoch (srcc, plcc, acc, emd, n; empty with ``score_test: false``), ``history`` (every epoch's
+    metrics, ``val_*`` on the validation set), ``epochs`` trained in
     all, ``train_rows`` rows seen in the last epoch and ``unreadable_rows`` of them skipped,
     ``global_batch_size``, the ``world_sizes`` the run used, optimizer ``steps`` per epoch, and
     the stored views it read (``views``: table key and images decoded by this run; None with
@@ -174,7 +187,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"knowledge_entry {cfg.knowledge_entry} is a {knowledge.spec.kind!r} entry")
     label = knowledge.spec.producer["label"]
     check_loss(label, cfg.loss.kind)  # before any worker starts
-    student = cfg.student.spec(knowledge.layout.arrays[0].width, label, cfg.seed)
+    table = knowledge_table(cfg.dataset, store, knowledge)
+    tag_width = check_tags(table, cfg.student.semantic, cfg.loss.kind)  # also before any worker starts
+    student = cfg.student.spec(knowledge.layout.arrays[0].width, label, cfg.seed, tag_width=tag_width,
+                               tag_head=cfg.loss.kind in TAG_LOSSES)
     if is_local(cfg.ray_address):  # the workers share this machine's files: check before starting them
         check_local_file(cfg.student.weights)
     init_ray(cfg.ray_address, cfg.num_cpus)
@@ -186,13 +202,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     workers = workers[0] if isinstance(workers, tuple) and len(workers) == 1 else workers
     log(JOB, f"student {student.backbone} ({student.view}) with loss {cfg.loss.kind} on {workers} "
              f"{'GPU' if use_gpu else 'CPU'} worker(s); knowledge {cfg.knowledge_entry}")
-    table = knowledge_table(cfg.dataset, store, knowledge)
-    views = prepare_views(store.url, table, knowledge, student, use_gpu) if cfg.images == "stored" else None
+    views = prepare_views(store.url, table, knowledge, student, use_gpu, cfg.val_fraction) \
+        if cfg.images == "stored" else None
     loop_config = {"store": store.url, "knowledge_entry": cfg.knowledge_entry, "student": student.to_json(),
                    "dataset_table": put_table(store, table), "max_unreadable_fraction": cfg.max_unreadable_fraction,
                    "loss": as_dict(cfg.loss), "epochs": cfg.epochs, "global_batch_size": cfg.global_batch_size,
                    "micro_batch_size": cfg.micro_batch_size, "lr": cfg.lr, "lr_step_epochs": cfg.lr_step_epochs,
-                   "seed": cfg.seed, "images": cfg.images, "view": views.view.to_json() if views else None,
+                   "seed": cfg.seed, "images": cfg.images, "val_fraction": cfg.val_fraction,
+                   "score_test": cfg.score_test, "view": views.view.to_json() if views else None,
                    "window_blocks": cfg.window_blocks, "checkpoint_every_steps": cfg.checkpoint_every_steps,
                    "log_every_steps": cfg.log_every_steps, "deterministic": cfg.deterministic}
     trainer = TorchTrainer(
@@ -212,8 +229,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     metrics = result.metrics or {}
-    test = {k.removeprefix("val_"): metrics[k] for k in ("val_srcc", "val_plcc", "val_acc", "val_emd", "val_n")
-            if k in metrics}
+    test = {k.removeprefix("test_"): v for k, v in metrics.items() if k.startswith("test_")}
     history = []
     if result.checkpoint:
         with result.checkpoint.as_directory() as directory:
@@ -232,14 +248,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                        seconds=round(time.perf_counter() - started, 3))
 
 
-def prepare_views(store_url: str, table, knowledge, student: StudentSpec, use_gpu: bool) -> StoredViews:
-    """Decode the student views that the run's train and test images lack into the store, train
-    split first: each split's images then sit in shards of their own, so validating reads only
-    test images."""
+def prepare_views(store_url: str, table, knowledge, student: StudentSpec, use_gpu: bool,
+                  val_fraction: float) -> StoredViews:
+    """Decode the student views that the run's train, validation and test images lack into the
+    store, one set after the other: each set's images then sit in shards of their own, so
+    validating reads only validation images."""
     hashes = knowledge_hashes(knowledge)
     view, decoded = pixel_view(student.view, use_gpu), 0
-    for split in ("train", "test"):
-        rows = split_rows(table, hashes, split, student.label)
+    for rows in student_splits(table, hashes, student.label, val_fraction).values():
         distinct, first = np.unique(rows.sha256, return_index=True)
         views = ensure_views(store_url, view, distinct, [rows.uris[i] for i in first], log=lambda line: log(JOB, line))
         decoded += views.decoded
