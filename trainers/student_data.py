@@ -88,8 +88,9 @@ class SplitRows:
 
     def take(self, keep: np.ndarray) -> SplitRows:
         """The rows where boolean ``keep`` is true, every field alike."""
-        return SplitRows(**{f.name: tuple(np.asarray(value, object)[keep]) if isinstance(value, tuple) else value[keep]
-                            for f in dataclasses.fields(self) for value in (getattr(self, f.name),)})
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return SplitRows(**{name: tuple(np.asarray(value, object)[keep]) if isinstance(value, tuple) else value[keep]
+                            for name, value in fields.items()})
 
 
 def split_rows(table: DatasetTable, hashes: np.ndarray, split: str, label: str) -> SplitRows:
