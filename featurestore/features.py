@@ -63,12 +63,13 @@ def write_segment(store: FeatureStore, extractor: ExtractorSpec, hashes: np.ndar
     spec = segment_spec(extractor, hashes)
     if (done := store.find(spec)) is None:
         layout = EntryLayout(rows=len(hashes), shard_rows=shard_rows, chunk_rows=math.gcd(32, shard_rows),
-                             arrays=(ArraySpec(GSF_ARRAY, extractor.width, "float16"), ArraySpec(HASH_ARRAY, 32, "uint8")))
+                             arrays=(ArraySpec(GSF_ARRAY, extractor.width, extractor.dtype),
+                                     ArraySpec(HASH_ARRAY, 32, "uint8")))
         writer = store.create(spec, layout, attrs={"columns": {n: list(r) for n, r in extractor.column_ranges().items()}})
         raw, failures = hash_bytes(hashes), dict(failures or {})
         for shard in writer.missing_shards():
             start, stop = layout.shard_range(shard)
-            block = np.array(gsf[start:stop], np.float16)
+            block = np.array(gsf[start:stop], extractor.dtype)
             mine = {r: why for r, why in failures.items() if start <= r < stop}
             block[[r - start for r in mine]] = 0
             writer.write_shard(shard, {GSF_ARRAY: block, HASH_ARRAY: raw[start:stop]}, failures=mine)
@@ -170,12 +171,14 @@ class FeatureIndex:
 
 
 def read_features(store: FeatureStore, index: FeatureIndex, hashes: np.ndarray,
-                  columns: np.ndarray | None = None, readers: dict[int, EntryReader] | None = None) -> np.ndarray:
-    """GSF rows for ``hashes`` (each must be in ``index``), in the order given; float16.
+                  columns: np.ndarray | None = None, readers: dict[int, EntryReader] | None = None,
+                  array: str = GSF_ARRAY) -> np.ndarray:
+    """Rows of ``array`` (GSFs, float16, by default) for ``hashes`` (each must be in ``index``), in
+    the order given, in the array's stored dtype.
 
     Each segment's rows are read with ``EntryReader.read_rows`` (whole shards where dense, runs
     of inner chunks elsewhere), only ``columns`` kept. ``readers`` caches the opened segments
-    across calls.
+    across calls. Any table of this layout reads this way (stored views: ``array="pixels"``).
     """
     found, segment, row = index.lookup(hashes)
     if not np.all(found):
@@ -185,9 +188,9 @@ def read_features(store: FeatureStore, index: FeatureIndex, hashes: np.ndarray,
     for s in np.unique(segment):
         reader = readers.setdefault(int(s), store.open(index.segments[int(s)]))
         picked = np.flatnonzero(segment == s)
-        block = reader.read_rows(row[picked], [GSF_ARRAY], columns)[GSF_ARRAY]
+        block = reader.read_rows(row[picked], [array], columns)[array]
         if out is None:
-            out = np.empty((len(hashes), block.shape[1]), np.float16)
+            out = np.empty((len(hashes), block.shape[1]), block.dtype)
         out[picked] = block
     return out if out is not None else np.zeros((0, 0 if columns is None else len(columns)), np.float16)
 

@@ -196,13 +196,21 @@ class Student(nn.Module):
             self.backbone.eval()
         return self
 
+    def pool(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled feature [B, num_features] of uint8-range images: what a frozen
+        student's FC layers see, and what ``trainers.student_features`` stores once per image."""
+        return self.backbone((images.float() - self.mean) / self.std)
+
     def forward(self, images: torch.Tensor, tags: torch.Tensor | None = None,
-                predict_tags: bool = False) -> tuple[torch.Tensor, ...]:
-        pooled = self.backbone((images.float() - self.mean) / self.std)
-        f_s = torch.relu(self.fc(pooled))
+                predict_tags: bool = False, pooled: bool = False) -> tuple[torch.Tensor, ...]:
+        """``pooled=True``: ``images`` are already :meth:`pool`'s output (a frozen student trained
+        from stored pooled features; the backbone is skipped)."""
+        if pooled and not self.spec.freeze_backbone:
+            raise StudentError("pooled features stand in for the backbone only when it is frozen (freeze_backbone)")
+        f_s = torch.relu(self.fc(images.float() if pooled else self.pool(images)))
         merged = f_s
         if self.spec.semantic == "multimodal":
-            if tags is None or tags.shape != (len(images), self.spec.tag_width):
+            if tags is None or tags.shape != (len(f_s), self.spec.tag_width):
                 got = "none" if tags is None else f"shape {tuple(tags.shape)}"
                 raise StudentError(f"a multimodal student needs two-hot tags [{len(images)}, {self.spec.tag_width}] "
                                    f"with its images, got {got}")

@@ -15,6 +15,9 @@ A background thread loads the next window while the current one is trained on, a
 * :class:`StoredImages` (the default): the stored views (featurestore/pixels.py, decoded once by
   trainers/student_views.py). A block is a stored shard; a window reads each of its shards with
   one GET, in parallel (``EntryReader.read_rows``). Nothing is decoded per epoch.
+* :class:`StoredPooledFeatures`, for a student with a frozen backbone: its pooled feature of
+  each image's stored view (trainers/student_features.py), computed once; the batch's
+  ``images`` are then those features and the backbone is skipped.
 * :class:`DecodedImages`: image bytes read (local or s3://), checked against their indexed
   SHA-256 and decoded to the view with DALI every epoch; a block is ``locality_rows`` rows in
   knowledge order.
@@ -46,6 +49,7 @@ from featurestore import sources
 from featurestore.dataset_table import DatasetTable
 from featurestore.errors import UserError
 from featurestore.partition import ShuffledEpoch, World, plan_shuffled
+from featurestore.features import GSF_ARRAY, FeatureIndex
 from featurestore.pixels import PIXELS_ARRAY
 from featurestore.reader import EntryReader, read_ahead
 from featurestore.splits import validation_mask
@@ -53,6 +57,7 @@ from featurestore.store import FeatureStore
 from trainers.images import ImageDecoder
 from trainers.knowledge import knowledge_rows
 from trainers.labels import LabelError, labelled_rows, table_targets, two_hot
+from trainers.student_features import StoredPooled
 from trainers.student_views import StoredViews
 
 READ_THREADS = 8
@@ -61,7 +66,7 @@ READ_THREADS = 8
 @dataclass
 class StudentBatch:
     rows: np.ndarray              # global row indices
-    images: torch.Tensor          # uint8 [B, 3, H, W]
+    images: torch.Tensor          # uint8 [B, 3, H, W], or a frozen backbone's pooled features float32 [B, F]
     weight: torch.Tensor          # float32 [B]: 0 for padding rows and undecodable images
     gt: torch.Tensor              # ground truth in the label's form
     teacher_feature: torch.Tensor  # f_t [B, F]
@@ -142,21 +147,24 @@ class Unreadable:
 
 @dataclass(frozen=True, eq=False)
 class LoadedImages:
-    """A window's images, ``uint8 [n, H, W, 3]``, and for each row why it is unusable (or None)."""
+    """A window's inputs, ``uint8 [n, H, W, 3]`` images (or a frozen backbone's pooled features,
+    ``float32 [n, F]``), and for each row why it is unusable (or None)."""
 
     pixels: np.ndarray
     reasons: list[str | None]
 
 
-class StoredImages:
-    """Images from stored views: each window reads the stored shards its rows are in, once each,
-    in parallel; shards it needs only a few rows of are read by inner chunk instead."""
+class StoredRows:
+    """A split's rows of a stored table (the features.py layout): each window reads the stored
+    shards its rows are in, once each, in parallel; shards it needs only a few rows of are read
+    by inner chunk instead. A row the table lacks is unusable, with its ``failures`` reason."""
 
-    def __init__(self, store_url: str, views: StoredViews, data: SplitRows):
-        self.store, self.views = FeatureStore(store_url, create=False), views
-        self.size = (views.view.height, views.view.width)
-        found, self.segment, self.row = views.index.lookup(data.sha256)
-        self.reasons = [None if ok else views.failures.get(bytes(h), "no stored view") for ok, h in zip(found, data.sha256)]
+    def __init__(self, store_url: str, index: FeatureIndex, failures: dict[bytes, str], array: str,
+                 shape: tuple[int, ...], dtype: type, data: SplitRows):
+        self.store, self.index, self.array, self.shape, self.dtype = (FeatureStore(store_url, create=False), index,
+                                                                      array, shape, dtype)
+        found, self.segment, self.row = index.lookup(data.sha256)
+        self.reasons = [None if ok else failures.get(bytes(h), "no stored view") for ok, h in zip(found, data.sha256)]
         self._readers: dict[int, EntryReader] = {}
         shard_rows = {int(s): self._reader(int(s)).layout.shard_rows for s in np.unique(self.segment[found])}
         shard = np.array([r // shard_rows[int(s)] if s >= 0 else 0 for s, r in zip(self.segment, self.row)], np.int64)
@@ -164,17 +172,34 @@ class StoredImages:
 
     def _reader(self, segment: int) -> EntryReader:
         if segment not in self._readers:
-            self._readers[segment] = self.store.open(self.views.index.segments[segment])
+            self._readers[segment] = self.store.open(self.index.segments[segment])
         return self._readers[segment]
 
     def load(self, positions: np.ndarray) -> LoadedImages:
-        pixels = np.zeros((len(positions), *self.size, 3), np.uint8)
+        values = np.zeros((len(positions), *self.shape), self.dtype)
         segment = self.segment[positions]
         for s in np.unique(segment[segment >= 0]):  # each segment's shards are read in parallel
             picked = np.flatnonzero(segment == s)
-            rows = self._reader(int(s)).read_rows(self.row[positions[picked]], [PIXELS_ARRAY])[PIXELS_ARRAY]
-            pixels[picked] = rows.reshape(len(picked), *self.size, 3)
-        return LoadedImages(pixels, [self.reasons[p] for p in positions])
+            rows = self._reader(int(s)).read_rows(self.row[positions[picked]], [self.array])[self.array]
+            values[picked] = rows.reshape(len(picked), *self.shape)
+        return LoadedImages(values, [self.reasons[p] for p in positions])
+
+
+class StoredImages(StoredRows):
+    """Images from the stored views (featurestore/pixels.py)."""
+
+    def __init__(self, store_url: str, views: StoredViews, data: SplitRows):
+        super().__init__(store_url, views.index, views.failures, PIXELS_ARRAY, (views.view.height, views.view.width, 3),
+                         np.uint8, data)
+
+
+class StoredPooledFeatures(StoredRows):
+    """A frozen backbone's pooled features, stored once per image (trainers/student_features.py):
+    a frozen student's input in place of its images."""
+
+    def __init__(self, store_url: str, pooled: StoredPooled, data: SplitRows):
+        super().__init__(store_url, pooled.index, pooled.failures, GSF_ARRAY, (pooled.extractor.width,), np.float32,
+                         data)
 
 
 class DecodedImages:
@@ -295,7 +320,7 @@ class StudentStream:
     > 0 (a student that reads or predicts tags) each batch carries its rows' two-hot tags."""
 
     def __init__(self, store_url: str, knowledge_key: str, data: SplitRows, label: str, world: World,
-                 batch: int | BatchPlan, images: StoredImages | DecodedImages, seed: int, window_blocks: int = 8,
+                 batch: int | BatchPlan, images: StoredRows | DecodedImages, seed: int, window_blocks: int = 8,
                  prefetch: int = 4, channels_last: bool = False, pin_memory: bool = False, tag_width: int = 0):
         if tag_width and data.tags.shape[1] != 2:
             raise LabelError("the student uses semantic tags but the dataset has none (no tag1/tag2 columns)")
@@ -377,7 +402,8 @@ class StudentStream:
         images = torch.from_numpy(pixels)
         if self.pin_memory:
             images = images.pin_memory()
-        images = images.permute(0, 3, 1, 2)  # NCHW with channels-last strides, as stored
+        if images.ndim == 4:  # images, not pooled features
+            images = images.permute(0, 3, 1, 2)  # NCHW with channels-last strides, as stored
         weight = torch.tensor([0.0 if is_pad or reason is not None else 1.0 for is_pad, reason in zip(pad, reasons)])
         knowledge = {name: np.concatenate([w.knowledge[name][s] for w, s in parts]) for name in ("feature", self.label)}
         return StudentBatch(rows=self.data.rows[pos], images=images if self.channels_last else images.contiguous(),

@@ -37,6 +37,7 @@ import torch
 from featurestore.errors import UserError
 from featurestore.partition import World
 from featurestore.pixels import PixelViewSpec
+from featurestore.specs import ExtractorSpec
 from featurestore.store import FeatureStore
 from featurestore.views import get_table
 from trainers.labels import evaluate_label, prediction
@@ -44,7 +45,9 @@ from trainers.knowledge import knowledge_hashes
 from trainers.losses import LossSpec, StudentOutputs, Targets, student_loss
 from trainers.student import (StudentError, StudentSpec, build_student, decoder_for, restore_student, save_student,
                               view_size)
-from trainers.student_data import DecodedImages, StoredImages, StudentStream, batch_plan, student_splits
+from trainers.student_data import (DecodedImages, StoredImages, StoredPooledFeatures, StudentStream, batch_plan,
+                                   student_splits)
+from trainers.student_features import stored_pooled
 from trainers.student_views import stored_views
 
 OPTIMIZER_FILE, STATE_FILE, HISTORY_FILE = "optimizer.safetensors", "trainer_state.json", "history.json"
@@ -220,16 +223,23 @@ class StudentRecipe:
         hashes = knowledge_hashes(knowledge)
         views = stored_views(config["store"], PixelViewSpec.from_json(config["view"])) \
             if config["images"] == "stored" else None
+        self.pooled = stored_pooled(config["store"], ExtractorSpec.from_json(config["pooled"]), views) \
+            if config.get("pooled") else None
         self.streams = {split: self._stream(data, views, knowledge.layout.shard_rows, train=split == "train")
                         for split, data in student_splits(table, hashes, self.spec.label,
                                                           config["val_fraction"]).items()}
 
     def _stream(self, data, views, locality_rows: int, train: bool) -> StudentStream:
-        """A split's stream: from the stored ``views``, or decoding (``views`` None) in blocks of
-        ``locality_rows`` knowledge rows; the train split in the global batch's quotas."""
+        """A split's stream: the frozen backbone's stored pooled features, the stored ``views``, or
+        decoding (``views`` None) in blocks of ``locality_rows`` knowledge rows; the train split in
+        the global batch's quotas."""
         config = self.config
-        images = StoredImages(config["store"], views, data) if views is not None else \
-            DecodedImages(data, decoder_for(self.spec, self.device), view_size(self.spec.view), locality_rows)
+        if self.pooled is not None:
+            images = StoredPooledFeatures(config["store"], self.pooled, data)
+        elif views is not None:
+            images = StoredImages(config["store"], views, data)
+        else:
+            images = DecodedImages(data, decoder_for(self.spec, self.device), view_size(self.spec.view), locality_rows)
         batch = self.batches if train else max(self.batches.micro_sizes(0))
         return StudentStream(config["store"], config["knowledge_entry"], data, self.spec.label,
                              World(self.rank, self.world_size), batch, images, config["seed"],
@@ -282,13 +292,13 @@ class StudentRecipe:
                             "lr": self.optimizer.param_groups[0]["lr"], "steps": steps,
                             "global_batch_size": config["global_batch_size"], "world_sizes": list(self.world_sizes),
                             **{f"val_{k}": v for k, v in validate(self.ddp_model, self.streams["val"], label,
-                                                                     device).items()},
+                                                                     device, self.pooled is not None).items()},
                             "epoch_seconds": time.perf_counter() - started})
             self.history.append(metrics)
             self.state = RunState(epoch + 1)
             if epoch == config["epochs"] - 1 and config["score_test"]:  # reported, not part of the history
-                metrics = {**metrics, **{f"test_{k}": v for k, v in validate(self.ddp_model, self.streams["test"],
-                                                                            label, device).items()}}
+                metrics = {**metrics, **{f"test_{k}": v for k, v in validate(
+                    self.ddp_model, self.streams["test"], label, device, self.pooled is not None).items()}}
             self.save(self.state, metrics)
 
     def _forward(self, batch, weight: torch.Tensor, sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -301,7 +311,8 @@ class StudentRecipe:
         no_sync = self.ddp_model.no_sync() if self.world_size > 1 and not sync else contextlib.nullcontext()
         with no_sync:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-                f_s, logits, *tag_logits = self.ddp_model(images, tags, predict_tags=self.spec.tag_head)
+                f_s, logits, *tag_logits = self.ddp_model(images, tags, predict_tags=self.spec.tag_head,
+                                                          pooled=self.pooled is not None)
             f_s, logits = f_s.float(), logits.float()
             outputs = StudentOutputs(logits[:, 0] if label == "binary" else prediction(label, logits), f_s,
                                      tag_logits[0].float() if tag_logits else None)
@@ -353,15 +364,16 @@ class StudentRecipe:
 
 
 @torch.inference_mode()
-def validate(model, stream: StudentStream, label: str, device: torch.device) -> dict:
-    """Metrics over the whole split: each rank predicts its partition, every rank gets all of it."""
+def validate(model, stream: StudentStream, label: str, device: torch.device, pooled: bool = False) -> dict:
+    """Metrics over the whole split: each rank predicts its partition, every rank gets all of it.
+    ``pooled``: the stream yields a frozen backbone's pooled features, not images."""
     model.eval()
     rows, preds, gts = [], [], []
     for batch in stream.epoch(0):
         keep = batch.weight.numpy() > 0
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             _, logits = model(batch.images.to(device, non_blocking=True),
-                              None if batch.tags is None else batch.tags.to(device, non_blocking=True))
+                              None if batch.tags is None else batch.tags.to(device, non_blocking=True), pooled=pooled)
         pred = prediction(label, logits).float().cpu().numpy()
         rows.append(batch.rows[keep])
         preds.append(pred[keep])

@@ -171,7 +171,9 @@ def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | Non
                 identity = {k: v for k, v in as_dict(config).items() if k not in NOT_IDENTITY}
                 digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
                 config = replace(config, name=f"{loss.kind}-{student.backbone}-s{seed}-{digest}".replace("/", "_"))
-                who = student.backbone + (f" ({student.semantic})" if student.semantic else "")  # Table XII's rows
+                # Table V's frozen rows and Table XII's rows are students of their own
+                who = student.backbone + (" (frozen)" if student.freeze_backbone else "") \
+                    + (f" ({student.semantic})" if student.semantic else "")
                 experiments.append(Experiment(config, model=f"Student {who}, {loss.kind}{suffix}",
                                               group=f"{who}@{student.view}{suffix}", split=split))
     return experiments

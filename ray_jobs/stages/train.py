@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featurestore.features import extractor_key
 from featurestore.pixels import pixels_key
 from featurestore.store import FeatureStore
 from featurestore.views import put_table
@@ -29,6 +30,7 @@ from trainers.labels import TAG_LOSSES, check_loss, check_tags
 from trainers.losses import KINDS, LossSpec
 from trainers.student import StudentSpec
 from trainers.student_data import BatchPlanError, batch_plan, student_splits
+from trainers.student_features import ensure_pooled
 from trainers.student_views import StoredViews, ensure_views, pixel_view
 from trainers.weights import check_local_file
 
@@ -102,6 +104,10 @@ class TrainConfig:
                                                      "of the global batch means gradient accumulation")
     images: str = option("stored", help="stored: the student views decoded once into the store and reused | "
                                         "decode: read and decode every image every epoch")
+    frozen_features: bool = option(True, help="a student with freeze_backbone trains its FC layers on the backbone's "
+                                              "pooled features, computed once per image into the store from the "
+                                              "stored views (seconds per run); false: the frozen backbone forwards "
+                                              "every step")
     window_blocks: int = option(8, help="shuffle window: stored shards whose rows are mixed into batches")
     checkpoint_every_steps: int = option(0, help="also checkpoint every this many optimizer steps (0: per epoch only)")
     log_every_steps: int = option(50, help="print the running loss every this many steps (the only host sync)")
@@ -129,6 +135,8 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r} must be auto, cpu or cuda")
         if self.images not in IMAGE_SOURCES:
             raise ConfigError(f"images {self.images!r} must be one of {', '.join(IMAGE_SOURCES)}")
+        if self.pooled and self.images != "stored":
+            raise ConfigError("frozen_features pools the stored views: with images=decode set frozen_features=false")
         for name in ("global_batch_size", "window_blocks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be ≥ 1")
@@ -143,6 +151,12 @@ class TrainConfig:
             raise ConfigError(f"num_workers={self.num_workers!r}: {exc}") from None
 
 
+    @property
+    def pooled(self) -> bool:
+        """Whether this run trains from stored pooled features (a frozen backbone)."""
+        return self.student.freeze_backbone and self.frozen_features
+
+
 def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
@@ -155,7 +169,8 @@ class TrainResult:
     all, ``train_rows`` rows seen in the last epoch and ``unreadable_rows`` of them skipped,
     ``global_batch_size``, the ``world_sizes`` the run used, optimizer ``steps`` per epoch, and
     the stored views it read (``views``: table key and images decoded by this run; None with
-    ``images: decode``)."""
+    ``images: decode``) and, for a frozen backbone with ``frozen_features``, the pooled features
+    it trained from (``pooled``: feature table key and images pooled by this run)."""
 
     checkpoint: str | None
     metrics: dict[str, Any]
@@ -170,6 +185,7 @@ class TrainResult:
     world_sizes: list[int]
     steps: list[int]
     views: dict[str, Any] | None
+    pooled: dict[str, Any] | None
     seconds: float
 
 
@@ -204,12 +220,15 @@ def train(cfg: TrainConfig) -> TrainResult:
              f"{'GPU' if use_gpu else 'CPU'} worker(s); knowledge {cfg.knowledge_entry}")
     views = prepare_views(store.url, table, knowledge, student, use_gpu, cfg.val_fraction) \
         if cfg.images == "stored" else None
+    pooled = ensure_pooled(store.url, student, views, knowledge_hashes(knowledge), use_gpu,
+                           log=lambda line: log(JOB, line)) if cfg.pooled else None
     loop_config = {"store": store.url, "knowledge_entry": cfg.knowledge_entry, "student": student.to_json(),
                    "dataset_table": put_table(store, table), "max_unreadable_fraction": cfg.max_unreadable_fraction,
                    "loss": as_dict(cfg.loss), "epochs": cfg.epochs, "global_batch_size": cfg.global_batch_size,
                    "micro_batch_size": cfg.micro_batch_size, "lr": cfg.lr, "lr_step_epochs": cfg.lr_step_epochs,
                    "seed": cfg.seed, "images": cfg.images, "val_fraction": cfg.val_fraction,
                    "score_test": cfg.score_test, "view": views.view.to_json() if views else None,
+                   "pooled": pooled.extractor.to_json() if pooled else None,
                    "window_blocks": cfg.window_blocks, "checkpoint_every_steps": cfg.checkpoint_every_steps,
                    "log_every_steps": cfg.log_every_steps, "deterministic": cfg.deterministic}
     trainer = TorchTrainer(
@@ -245,6 +264,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                        world_sizes=history[-1]["world_sizes"] if history else [],
                        steps=[h["steps"] for h in history],
                        views={"table": pixels_key(views.view), "decoded": views.decoded} if views else None,
+                       pooled={"table": extractor_key(pooled.extractor), "computed": pooled.computed} if pooled else None,
                        seconds=round(time.perf_counter() - started, 3))
 
 
