@@ -189,7 +189,8 @@ def test_write_report(tmp_path):
     for name, _ in CATEGORIES:
         assert f"| {name} |" in text
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["report.md", "results.json", "scatter.png", "categories.png", "training_curves.png"])  # no temp files
+        ["report.md", "results.json", "scatter.png", "categories.png", "training_curves.png",
+         "paired.json"])  # no temp files; paired.json: kd vs baseline over 3 seeds
 
 
 def test_category_table_means_over_seeds():
@@ -392,3 +393,37 @@ def test_fig7_without_a_metric_and_against_the_split_gains(tmp_path):
              for (group, loss), m in students.items() if loss == "kd"]
     assert (f"The teacher's SRCC varies by {spread:.3f} over 4 training seeds; "
             f"{sum(g > spread for g in gains)} of {len(gains)} per-split SRCC improvements exceed that.") in text
+
+
+def test_paired_comparison_pairs_each_seed_with_its_baseline_over_splits(tmp_path):
+    from scipy.stats import binomtest
+
+    results = make_split_results(seed=3, n_seeds=4)
+    report.write_report(results, tmp_path)
+    paired = json.loads((tmp_path / "paired.json").read_text())
+    assert [(row["student"], row["loss"], row["splits"]) for row in paired] == \
+        [("lite0@resize:64", "kd", len(SPLITS)), ("lite1@resize:64", "kd", len(SPLITS))]
+    models = {(m["group"], m["loss"]): m for m in results["models"] if m["role"] == "student"}
+    for row in paired:
+        for metric, stat in row["metrics"].items():
+            differences, seed_sds = [], []
+            for split in SPLITS:
+                kd, base = (models[(f"{row['student']} [{split}]", loss)] for loss in ("kd", "baseline"))
+                a, b = np.array(run_metric(kd, metric)), np.array(run_metric(base, metric))  # seeds 0..3 in order
+                differences += list(a - b)
+                seed_sds.append(max(a.std(ddof=1), b.std(ddof=1)))
+            differences = np.array(differences)
+            gains = differences * (-1 if metric == "emd" else 1)  # EMD: lower is better
+            better, worse = int((gains > 0).sum()), int((gains < 0).sum())
+            assert stat["pairs"] == 4 * len(SPLITS) and (stat["better"], stat["worse"]) == (better, worse)
+            assert stat["mean"] == pytest.approx(differences.mean())
+            assert stat["sd"] == pytest.approx(differences.std(ddof=1))
+            assert stat["p"] == pytest.approx(binomtest(better, better + worse).pvalue)
+            assert stat["seed_sd"] == pytest.approx(np.mean(seed_sds))
+            assert stat["exceeds_seed_sd"] == (abs(differences.mean()) > np.mean(seed_sds))
+    text = (tmp_path / "report.md").read_text()
+    [table] = section_tables(section(text, "Paired comparison over splits × seeds"))
+    header, *rows = table
+    assert header[:4] == ["Student", "Loss", "Metric", "Pairs (splits × seeds)"]
+    assert len(rows) == 2 * 4 and rows[0][3] == f"{4 * len(SPLITS)} ({len(SPLITS)} × 4)"
+    assert report.sign_test_p(0, 0) == 1.0 and report.sign_test_p(10, 0) == pytest.approx(2 / 2 ** 10)

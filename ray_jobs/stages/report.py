@@ -33,7 +33,8 @@ to its student's baseline, the gains in a table and the range of the gain over s
 Fig. 7 (``teacher_seeds``): the teacher's test metrics over distiller seeds as box plots and
 their min, max and range: the variation that training randomness alone causes, which an
 improvement must exceed to mean anything. Each of these PNGs has a JSON sidecar of the numbers it
-draws, so the figure can be checked or redrawn without reading pixels.
+draws, so the figure can be checked or redrawn without reading pixels. With several seeds, the
+paired comparison pools each seed's difference to its baseline over splits × seeds (paired.json).
 
 Plots use matplotlib's ``Figure`` with the Agg canvas directly (never pyplot), so rendering is
 headless, leaves no global figure state behind, and matplotlib is imported only when plotting.
@@ -64,6 +65,7 @@ CATEGORIES_PNG = "categories.png"
 TRAINING_CURVES_PNG = "training_curves.png"
 SPLITS_PNG = "splits.png"
 TEACHER_SEEDS_PNG = "teacher_seeds.png"
+PAIRED_JSON = "paired.json"
 #: the metrics of the paper's Figs. 6 and 7 (its ranges are given for these three)
 FIGURE_METRICS = ("srcc", "plcc", "acc")
 SEED_LINESTYLES = ("-", "--", ":", "-.")
@@ -275,6 +277,70 @@ def split_range_lines(comparisons: list[dict]) -> list[str]:
                 line += f" {METRIC_LABELS[m]} from {format_signed(min(gains))} to {format_signed(max(gains))}."
         lines.append(line)
     return lines
+
+
+def sign_test_p(positive: int, negative: int) -> float:
+    """Two-sided exact sign test: the probability, were gains and losses equally likely, of a split
+    at least this uneven (ties are left out, as the test does)."""
+    n = positive + negative
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(positive, negative) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparisons(results: dict) -> list[dict]:
+    """The KD evidence over splits × seeds: per student and non-baseline loss, each seed's run on a
+    split paired with the baseline's run of the same seed on the same split (same test images,
+    same initialisation, same data order), for each of FIGURE_METRICS and EMD. Per metric:
+    ``pairs``, the ``mean`` and sample ``sd`` of the paired differences, how many are
+    ``better``/``worse`` (EMD: lower is better), the sign test's ``p``, the mean over splits of
+    the larger seed sd (``seed_sd``, the paper's yardstick) and whether the mean exceeds it."""
+    grouped: dict[tuple[str, str], list[tuple[dict, dict, str | None]]] = {}
+    for group, model, baseline in loss_pairs(results):
+        split = model.get("split")
+        student = group.removesuffix(f" [{split}]") if split else group
+        grouped.setdefault((student, model["loss"]), []).append((model, baseline, split))
+    rows = []
+    for (student, loss), pairs in grouped.items():
+        metrics = {}
+        for m in (*FIGURE_METRICS, "emd"):
+            differences, seed_sds = [], []
+            for model, baseline, _ in pairs:
+                theirs = {run["seed"]: run["metrics"].get(m) for run in baseline["runs"]}
+                differences += [run["metrics"][m] - theirs[run["seed"]] for run in model["runs"]
+                                if run["metrics"].get(m) is not None and theirs.get(run["seed"]) is not None]
+                sds = [sd for sd in (summarize(model)["metrics"][m]["sd"], summarize(baseline)["metrics"][m]["sd"])
+                       if sd is not None]
+                if sds:
+                    seed_sds.append(max(sds))
+            if not differences:
+                continue
+            sign = 1 if m != "emd" else -1
+            better, worse = sum(sign * d > 0 for d in differences), sum(sign * d < 0 for d in differences)
+            stat = mean_sd(differences)
+            seed_sd = statistics.fmean(seed_sds) if seed_sds else None
+            metrics[m] = {"pairs": len(differences), "mean": stat["mean"], "sd": stat["sd"], "better": better,
+                          "worse": worse, "p": sign_test_p(better, worse), "seed_sd": seed_sd,
+                          "exceeds_seed_sd": None if seed_sd is None else abs(stat["mean"]) > seed_sd}
+        if metrics:
+            rows.append({"student": student, "loss": loss, "splits": len(pairs), "metrics": metrics})
+    return rows
+
+
+def paired_table(rows: list[dict]) -> str:
+    """The paired comparison as a table, one row per student, loss and metric."""
+    header = ("Student", "Loss", "Metric", "Pairs (splits × seeds)", "Mean paired difference ± sd", "Better / worse",
+              "Sign test p", "Seed sd", "Exceeds seed sd")
+    lines = []
+    for row in rows:
+        for m, stat in row["metrics"].items():
+            lines.append([row["student"], row["loss"], METRIC_LABELS[m] + (" (lower is better)" if m == "emd" else ""),
+                          f"{stat['pairs']} ({row['splits']} × {stat['pairs'] // max(row['splits'], 1)})",
+                          format_stat(stat), f"{stat['better']} / {stat['worse']}", f"{stat['p']:.3g}",
+                          MISSING if stat["seed_sd"] is None else f"{stat['seed_sd']:.3f}",
+                          MISSING if stat["exceeds_seed_sd"] is None else ("yes" if stat["exceeds_seed_sd"] else "no")])
+    return markdown_table(header, lines)
 
 
 def format_gain(gain: float | None) -> str:
@@ -586,6 +652,12 @@ SPLITS_TEXT = ("Each non-baseline loss of a student against that student's basel
                "split, as in the paper's Fig. 6: SRCC is the mean ± sample sd over seeds, a gain is the "
                "difference of means.")
 
+PAIRED_TEXT = ("Each seed's run of a loss against the baseline's run of the same seed on the same split (same "
+               "test images, initialisation and data order), pooled over splits: the mean and sample sd of the "
+               "paired differences, how many pairs favour each side, the two-sided exact sign test, and the "
+               "paper's yardstick, the larger seed sd of the two runs' groups (mean over splits). "
+               "The numbers are in paired.json.")
+
 TEACHER_SEEDS_TEXT = ("The distiller refitted with each seed on the same split, as in the paper's Fig. 7: how much "
                       "the teacher's test metrics move through training randomness alone. Range = max − min.")
 
@@ -603,6 +675,9 @@ def report_markdown(results: dict, table: str, plots: dict[str, str]) -> str:
     if "splits" in plots:
         sections += ["## KD vs baseline per split (Fig. 6)", SPLITS_TEXT,
                      f"![SRCC per split, each loss beside its baseline]({plots['splits']})", split_table(by_split)]
+    paired = paired_comparisons(results)
+    if any(stat["pairs"] > 1 for row in paired for stat in row["metrics"].values()):
+        sections += ["## Paired comparison over splits × seeds", PAIRED_TEXT, paired_table(paired)]
     if "teacher_seeds" in plots:
         sections += ["## Teacher over training seeds (Fig. 7)", TEACHER_SEEDS_TEXT,
                      f"![Teacher SRCC, PLCC and Acc over seeds]({plots['teacher_seeds']})",
@@ -636,6 +711,8 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict:
         plots["splits"] = plot_splits(by_split, out)
     if results.get("teacher_seeds"):
         plots["teacher_seeds"] = plot_teacher_seeds(results, out)
+    if paired := paired_comparisons(results):
+        atomic_write_bytes(out / PAIRED_JSON, json.dumps(paired, indent=1, ensure_ascii=False, default=plain).encode())
     as_json = json.dumps(results, indent=1, ensure_ascii=False, default=plain)
     atomic_write_bytes(out / "results.json", as_json.encode())
     table = results_table(results)
