@@ -33,14 +33,12 @@ from featurestore.specs import BackboneSpec, EntrySpec, ExtractorSpec
 from featurestore.store import FeatureStore
 from trainers.backbones import _meta_build, backbone_specs, canonical_name, create_model
 from trainers.student import Student, StudentSpec
-from trainers.student_views import StoredViews
+from trainers.student_views import StoredViews, run_shard_tasks
 
 POOLING = "backbone"  # the backbone's own global pooling: timm's forward with num_classes=0
 LAYER = "pooled"
 CHUNK_ROWS = 32
 BATCH_ROWS = 64
-TASK_RETRIES = 3
-SHARDS_PER_TASK = 4
 
 
 class PooledFailed(UserError, RuntimeError):
@@ -79,8 +77,6 @@ def ensure_pooled(store_url: str, student: StudentSpec, views: StoredViews, hash
                   log: Callable[[str], None] = lambda line: None) -> StoredPooled:
     """Make sure every image of ``hashes`` that has a stored view also has its pooled feature
     under ``student``'s frozen backbone; compute the missing ones from the stored views."""
-    import ray
-
     store = FeatureStore(store_url)
     extractor = pooled_extractor(student, views.view, use_gpu)
     hashes = np.unique(hashes)
@@ -98,25 +94,9 @@ def ensure_pooled(store_url: str, student: StudentSpec, views: StoredViews, hash
     computed = sum(len(range(*layout.shard_range(s))) for s in shards)
     if shards:
         log(f"pooling {computed} images through the frozen {extractor.backbones[0].name} into {spec.key}")
-        if ray.is_initialized():
-            remote = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=TASK_RETRIES)(write_pooled_shards)
-            submit, result = remote.remote, ray.get
-        else:
-            submit, result = write_pooled_shards, lambda done: done
-        pending, errors = [], []
-        for i in range(0, len(shards), SHARDS_PER_TASK):
-            group = shards[i:i + SHARDS_PER_TASK]
-            lo, hi = layout.shard_range(group[0])[0], layout.shard_range(group[-1])[1]
-            try:
-                pending.append(submit(store_url, spec.to_json(), layout.to_json(), student.to_json(),
-                                      views.view.to_json(), hashes_to_hex(todo[lo:hi]), group, lo))
-            except Exception as exc:  # noqa: BLE001 - in-process: reported below, with the shards it left
-                errors.append(exc)
-        for ref in pending:
-            try:
-                result(ref)
-            except Exception as exc:  # noqa: BLE001 - reported below, with the shards it left
-                errors.append(exc)
+        errors = run_shard_tasks(write_pooled_shards, layout, shards, 1 if use_gpu else 0, lambda lo, hi, group: (
+            store_url, spec.to_json(), layout.to_json(), student.to_json(), views.view.to_json(),
+            hashes_to_hex(todo[lo:hi]), group, lo))
         if failed := writer.missing_shards():
             raise PooledFailed(f"pooled features {spec.key}: {len(failed)} of {layout.num_shards} shard(s) could not "
                                f"be written ({str(errors[0]).splitlines()[-1] if errors else 'no error reported'}); "

@@ -73,8 +73,6 @@ def ensure_views(store_url: str, view: PixelViewSpec, hashes: np.ndarray, uris: 
     ``hashes[i]``) has a
     stored view or a recorded failure; decode the missing ones on Ray tasks (in this process
     when no Ray instance is running: a library caller on a laptop, a benchmark)."""
-    import ray
-
     store = FeatureStore(store_url)
     index = pixel_index(store, view)
     todo = index.missing(hashes)
@@ -86,26 +84,10 @@ def ensure_views(store_url: str, view: PixelViewSpec, hashes: np.ndarray, uris: 
     decoded = sum(len(range(*writer.layout.shard_range(s))) for s in shards)
     if shards:
         log(f"decoding the {view.view} view of {decoded} images into {writer.key} ({len(shards)} shards)")
-        if ray.is_initialized():
-            gpus = 1 if view.decoder == decoder_name("mixed") else 0
-            remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=TASK_RETRIES)(write_shards)
-            submit, result = remote.remote, ray.get
-        else:
-            submit, result = write_shards, lambda done: done
-        groups = [shards[i:i + SHARDS_PER_TASK] for i in range(0, len(shards), SHARDS_PER_TASK)]
-        pending, errors = [], []
-        for group in groups:  # a task gets the rows from its first shard to its last, hex per task
-            lo, hi = writer.layout.shard_range(group[0])[0], writer.layout.shard_range(group[-1])[1]
-            try:
-                pending.append(submit(store_url, writer.spec.to_json(), writer.layout.to_json(),
-                                      hashes_to_hex(todo[lo:hi]), todo_uris[lo:hi], group, lo))
-            except Exception as exc:  # noqa: BLE001 - in-process: reported below, with the shards it left
-                errors.append(exc)
-        for ref in pending:
-            try:
-                result(ref)
-            except Exception as exc:  # noqa: BLE001 - reported below, with the shards it left
-                errors.append(exc)
+        gpus = 1 if view.decoder == decoder_name("mixed") else 0
+        errors = run_shard_tasks(write_shards, writer.layout, shards, gpus, lambda lo, hi, group: (
+            store_url, writer.spec.to_json(), writer.layout.to_json(), hashes_to_hex(todo[lo:hi]), todo_uris[lo:hi],
+            group, lo))
         if failed := writer.missing_shards():
             raise ViewsFailed(f"stored views {writer.key}: {len(failed)} of {writer.layout.num_shards} shard(s) could "
                               f"not be written ({str(errors[0]).splitlines()[-1] if errors else 'no error reported'}); "
@@ -113,6 +95,35 @@ def ensure_views(store_url: str, view: PixelViewSpec, hashes: np.ndarray, uris: 
     writer.finalize()
     register(store, store.open(writer.key))
     return replace(stored_views(store_url, view), decoded=decoded)
+
+
+def run_shard_tasks(task: Callable[..., int], layout: EntryLayout, shards: list[int], gpus: int,
+                    arguments: Callable[[int, int, list[int]], tuple]) -> list[Exception]:
+    """Run ``task(*arguments(lo, hi, group))`` for each group of ``SHARDS_PER_TASK`` shards, where
+    ``[lo, hi)`` are the rows from the group's first shard to its last: as Ray tasks (retried
+    ``TASK_RETRIES`` times) when a Ray instance runs, else in this process. Returns the errors of
+    the groups that failed; the caller names the shards they left uncommitted."""
+    import ray
+
+    if ray.is_initialized():
+        remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=TASK_RETRIES)(task)
+        submit, result = remote.remote, ray.get
+    else:
+        submit, result = task, lambda done: done
+    pending, errors = [], []
+    for i in range(0, len(shards), SHARDS_PER_TASK):
+        group = shards[i:i + SHARDS_PER_TASK]
+        lo, hi = layout.shard_range(group[0])[0], layout.shard_range(group[-1])[1]
+        try:
+            pending.append(submit(*arguments(lo, hi, group)))
+        except Exception as exc:  # noqa: BLE001 - in-process: reported by the caller, with the shards it left
+            errors.append(exc)
+    for ref in pending:
+        try:
+            result(ref)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller, with the shards it left
+            errors.append(exc)
+    return errors
 
 
 def stored_views(store_url: str, view: PixelViewSpec) -> StoredViews:
