@@ -324,3 +324,14 @@ def test_an_s3_report_starts_from_its_records_and_is_uploaded_even_after_an_erro
                                                             "runs/kd-earlier.json"]
     assert json.loads(uploaded.read_bytes("runs/baseline-new.json")) == {"name": "baseline-new"}
     assert uploaded.read_bytes("runs/kd-earlier.json") == b'{"name": "kd-earlier"}'
+
+
+def test_student_names_mark_frozen_and_semantic_students_and_add_the_view_only_to_tell_two_apart():
+    from ray_jobs.stages.pipeline import student_names
+    from ray_jobs.stages.train import StudentConfig
+
+    students = [StudentConfig("resnet18", view="resize:128", freeze_backbone=True),
+                StudentConfig("resnet18", view="resize:224", freeze_backbone=True),
+                StudentConfig("resnet18", view="resize:64"), StudentConfig("resnet18", semantic="multimodal")]
+    assert student_names(students) == ["resnet18 (frozen) resize:128", "resnet18 (frozen) resize:224", "resnet18",
+                                       "resnet18 (multimodal)"]

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
@@ -160,7 +160,8 @@ def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | Non
     losses = [from_dict(LossConfig, {"kind": loss}, prefix="losses.") if isinstance(loss, str) else loss
               for loss in cfg.losses]
     experiments = []
-    for student in cfg.students:
+    names = student_names(cfg.students)
+    for student, who in zip(cfg.students, names):
         for loss in losses:
             for seed in cfg.seeds:
                 tree = {**cfg.train, "store": cfg.store, "knowledge_entry": knowledge_entry,
@@ -171,12 +172,17 @@ def plan_experiments(cfg: PipelineConfig, knowledge_entry: str, split: str | Non
                 identity = {k: v for k, v in as_dict(config).items() if k not in NOT_IDENTITY}
                 digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
                 config = replace(config, name=f"{loss.kind}-{student.backbone}-s{seed}-{digest}".replace("/", "_"))
-                # Table V's frozen rows and Table XII's rows are students of their own
-                who = student.backbone + (" (frozen)" if student.freeze_backbone else "") \
-                    + (f" ({student.semantic})" if student.semantic else "")
                 experiments.append(Experiment(config, model=f"Student {who}, {loss.kind}{suffix}",
                                               group=f"{who}@{student.view}{suffix}", split=split))
     return experiments
+
+
+def student_names(students: Sequence[StudentConfig]) -> list[str]:
+    """What the report calls each student: its backbone, marked frozen (Table V's rows) and with
+    its semantic input (Table XII's), plus its view where only the view tells two apart."""
+    names = [s.backbone + (" (frozen)" if s.freeze_backbone else "") + (f" ({s.semantic})" if s.semantic else "")
+             for s in students]
+    return [f"{name} {s.view}" if names.count(name) > 1 else name for name, s in zip(names, students)]
 
 
 @dataclass(frozen=True)
