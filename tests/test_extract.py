@@ -24,7 +24,7 @@ from featurestore.views import GsfView
 from ray_jobs.config import load_config
 from ray_jobs.extract import ExtractConfig, main
 from trainers.backbones import build_extractor
-from trainers.extraction import ShardActor, ShardExtractor, ShardTask, input_policy, shard_batches
+from trainers.extraction import ShardExtractor, ShardTask, ShardWorker, SpecMismatch, input_policy, shard_batches
 from trainers.images import ImageDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +58,6 @@ def test_mlsp_rows_match_a_direct_forward_and_rerun_reuses(ray_local, tmp_path):
     assert (first["rows"], first["ok"], first["failed"], first["reused"]) == (12, 12, 0, False)
     assert first["width"] == 64 + 64 + 128 + 256 + 512 and first["columns"] == {"resnet18": [0, 1024]}
     assert first["forward_passes"] > 0 and first["computed_rows"] == 12
-    import ray.data
-
-    assert ray.data.DataContext.get_current().max_errored_blocks == 0  # the job's retry settings were scoped
-
     ids, _, _, stored = view_rows(store, first["entry"])
     extractor = build_extractor(["resnet18"], "random:0", device="cpu")
     decoder = ImageDecoder(device="cpu")
@@ -229,7 +225,7 @@ def test_pipelined_shards_are_bit_equal_to_a_sequential_forward(tmp_path):
 
 def test_a_failed_background_write_surfaces_and_leaves_only_its_shard_uncommitted(tmp_path, monkeypatch):
     kwargs, tasks = shard_tasks(tmp_path, good_images(6), shard_rows=2)
-    actor = ShardActor(**kwargs, threads=torch.get_num_threads())  # leaves the setting as is
+    actor = ShardWorker(**kwargs, threads=torch.get_num_threads())  # leaves the setting as is
     writer = actor.extractor.writer
     write_shard = writer.write_shard
 
@@ -239,14 +235,20 @@ def test_a_failed_background_write_surfaces_and_leaves_only_its_shard_uncommitte
         return write_shard(shard, *args, **kw)
 
     monkeypatch.setattr(writer, "write_shard", failing)
-    batch = {"task": np.array([json.dumps({"shard": t.shard, "start": t.start, "uris": t.uris, "sha256": t.sha256})
-                               for t in tasks], dtype=object)}
     with pytest.raises(OSError, match="disk full"):
-        actor(batch)  # the call fails, so Ray Data retries it and the job reports what stays missing
+        actor.run(tasks)  # the call fails, so the driver retries it and the job reports what stays missing
     assert writer.missing_shards() == [1]  # the other shards of the call still committed
 
     monkeypatch.setattr(writer, "write_shard", write_shard)  # the retry: committed shards are skipped
-    results = [json.loads(r) for r in actor(batch)["result"]]
-    assert [(r["shard"], r["ok"], r["forward_passes"] > 0) for r in results] == [
-        (0, 0, False), (1, 2, True), (2, 0, False)]
+    results = actor.run(tasks)
+    assert [(r.shard, r.ok, r.forward_passes > 0) for r in results] == [(0, 0, False), (1, 2, True), (2, 0, False)]
     assert writer.missing_shards() == []
+
+
+def test_a_worker_built_with_other_weights_reports_the_mismatch(tmp_path):
+    kwargs, tasks = shard_tasks(tmp_path, good_images(2), shard_rows=2)
+    actor = ShardWorker(**{**kwargs, "weights": "random:1"}, threads=torch.get_num_threads())
+    with pytest.raises(SpecMismatch, match="differ from the entry spec"):
+        actor.ready()
+    with pytest.raises(SpecMismatch):
+        actor.run(tasks)

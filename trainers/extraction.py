@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -316,15 +315,25 @@ def _size(image: torch.Tensor) -> tuple[int, int]:
     return int(image.shape[0]), int(image.shape[1])  # HWC
 
 
-class ShardActor:
-    """Ray Data callable class: each input row is one JSON-encoded ``ShardTask``."""
+class ShardWorker:
+    """The extraction job's Ray actor: one ``ShardExtractor``, torch at ``threads`` threads (the
+    actor's CPUs). A ``UserError`` while building it (weights that differ from the entry's, an
+    unknown backbone) is kept and raised by ``ready`` and ``run``, so the driver reports it as
+    the user's mistake instead of Ray restarting an actor that would fail the same way."""
 
-    def __init__(self, **kwargs):
-        torch.set_num_threads(max(1, int(kwargs.pop("threads", 1))))
-        self.extractor = ShardExtractor(**kwargs)
+    def __init__(self, threads: int = 1, **kwargs):
+        torch.set_num_threads(max(1, int(threads)))
+        self.error: UserError | None = None
+        try:
+            self.extractor = ShardExtractor(**kwargs)
+        except UserError as exc:
+            self.error = exc
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tasks = [json.loads(str(text)) for text in batch["task"]]
-        results = self.extractor.run_all([ShardTask(t["shard"], t["start"], tuple(t["uris"]), tuple(t["sha256"]))
-                                          for t in tasks])
-        return {"result": np.array([json.dumps(dataclasses.asdict(r)) for r in results], dtype=object)}
+    def ready(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def run(self, tasks: Sequence[ShardTask]) -> list[ShardResult]:
+        """``ShardExtractor.run_all`` on a group of shards (see there for failures)."""
+        self.ready()
+        return self.extractor.run_all(tasks)

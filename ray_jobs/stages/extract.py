@@ -7,17 +7,15 @@ segment (featurestore/features.py), then writes this dataset's view of the table
 entry named in the result, which ``ray_jobs.distill`` takes as ``gsf_entry``. A re-split, a
 relabel or a moved dataset costs no forward pass; a dataset that gains k images costs k.
 
-The work unit is one segment shard, handed to a pool of backbone actors by Ray Data (one GPU
-each when the cluster has GPUs). ``extract`` returns an ``ExtractResult``; the job
+The work unit is one segment shard, handed in small groups to plain Ray backbone actors (one GPU
+each when the cluster has GPUs) by the driver (``run_shards``). ``extract`` returns an ``ExtractResult``; the job
 ``ray_jobs.extract`` prints it as its JSON line.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import warnings
-from contextlib import contextmanager
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,13 +30,14 @@ from featurestore.store import FeatureStore
 from featurestore.views import view_spec, write_view
 from ray_jobs.config import ConfigError, option
 from ray_jobs.stages.dataset_input import DatasetConfig, load_table
-from ray_jobs.runtime import Progress, cluster_gpus, init_ray, is_local, log
+from ray_jobs.runtime import Progress, cluster_gpus, init_ray, is_local, log, verbose
 from trainers.backbones import backbone_specs, expand_names
-from trainers.extraction import ShardActor, input_policy
+from trainers.extraction import ShardTask, ShardWorker, input_policy
 
 JOB = "extract"
 CHUNK_ROWS = 32
-SHARD_RETRIES = 3  # attempts per shard task after the first, and actor restarts
+SHARD_RETRIES = 3  # attempts per shard call after the first, and actor restarts
+CALLS_IN_FLIGHT = 2  # per actor: the next call is queued while it computes, no more (backpressure)
 
 
 class ShardsFailed(UserError, RuntimeError):
@@ -222,57 +221,70 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
 def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, hashes: np.ndarray, uris: list[str],
                shards: list[int], use_gpu: bool, progress: Progress) -> tuple[int, float]:
-    """Compute ``shards`` of a segment on an actor pool. Returns the number of forward passes
-    made and the actors' summed seconds inside shards (the job's time minus start-up)."""
-    import ray.data
+    """Compute ``shards`` of a segment on ``cfg.workers`` backbone actors. Returns the number of
+    forward passes made and the actors' summed seconds inside shards (the job's time minus start-up).
+
+    Plain Ray actors, the driver handing out groups of shards: several shards per call let an
+    actor load the next shard and write the previous one while it forwards
+    (``ShardExtractor.run_all``); a few per call, so the actors still balance and a retried call
+    skips its committed shards. Each actor has up to ``CALLS_IN_FLIGHT`` calls, so its next one
+    is queued while it computes; the driver sleeps in ``ray.wait`` in between.
+
+    A shard is idempotent until committed, so a failed call is retried (``SHARD_RETRIES`` times,
+    on any actor), a lost actor is restarted by Ray (``max_restarts``, its calls retried) and
+    replaced once Ray gives up on it, and a shard that fails for good is dropped here and reported
+    by the caller (it stays uncommitted, so a rerun retries exactly it) instead of aborting the
+    other shards. A user error building an actor (``SpecMismatch``) is raised at once.
+    """
+    import ray
+    from ray.exceptions import RayActorError, RayError
 
     hexes = hashes_to_hex(hashes)
     tasks = []
     for shard in shards:
         start, stop = layout.shard_range(shard)
-        tasks.append({"task": json.dumps({"shard": shard, "start": start, "uris": uris[start:stop],
-                                          "sha256": hexes[start:stop]})})
+        tasks.append(ShardTask(shard, start, tuple(uris[start:stop]), tuple(hexes[start:stop])))
     workers = min(cfg.workers, len(shards))
-    # Several shards per actor call let the actor load the next shard and write the previous one
-    # while it forwards (ShardExtractor.run_all); a few per call, so the pool still balances and
-    # a retried call skips its committed shards.
-    shards_per_call = max(1, min(4, len(shards) // workers))
-    # A shard is idempotent until committed, so a failed shard task is retried, a lost actor is
-    # replaced, and a shard that fails for good is dropped here and reported by the caller (it
-    # stays uncommitted, so a rerun retries exactly it) instead of aborting the other shards.
-    with shard_retries(ray.data.DataContext.get_current()):
-        with warnings.catch_warnings():  # bounded retries need the remote args Ray 2.64 will rename; we pin 2.60
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            results = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-                ShardActor, batch_size=shards_per_call, compute=ray.data.ActorPoolStrategy(size=workers),
-                num_gpus=1 if use_gpu else 0, num_cpus=cfg.cpus_per_worker,
-                max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES,
-                fn_constructor_kwargs={"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
-                                       "backbones": list(cfg.backbones), "weights": cfg.weights,
-                                       "max_pixels": cfg.max_pixels, "batch_size": cfg.batch_size,
-                                       "device": "cuda" if use_gpu else "cpu",
-                                       "threads": max(1, int(cfg.cpus_per_worker))})
-        forward_passes, shard_seconds = 0, 0.0
-        for row in results.iter_rows():
-            shard = json.loads(row["result"])
-            forward_passes += shard["forward_passes"]
-            shard_seconds += shard["seconds"]
-            progress.add(shard["rows"])
-        return forward_passes, shard_seconds
-
-
-@contextmanager
-def shard_retries(context):
-    """Ray Data's retry settings for shard tasks, restored afterwards: the context is global to
-    the process, and other Ray Data users in it (a library caller, tests) must keep theirs."""
-    settings = {"actor_task_retry_on_errors": True, "max_errored_blocks": -1,
-                "max_consecutive_actor_init_deaths": SHARD_RETRIES}
-    saved = {name: getattr(context, name) for name in settings}
-    for name, value in settings.items():
-        setattr(context, name, value)
+    per_call = max(1, min(4, len(shards) // workers))
+    calls = deque((tuple(tasks[i:i + per_call]), 0) for i in range(0, len(tasks), per_call))  # (group, failures)
+    actor_cls = ray.remote(ShardWorker).options(
+        num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0,
+        max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES)
+    options = {"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
+               "backbones": list(cfg.backbones), "weights": cfg.weights, "max_pixels": cfg.max_pixels,
+               "batch_size": cfg.batch_size, "device": "cuda" if use_gpu else "cpu",
+               "threads": max(1, int(cfg.cpus_per_worker))}
+    actors = [actor_cls.remote(**options) for _ in range(workers)]
     try:
-        yield
+        ray.get([actor.ready.remote() for actor in actors])  # a user error building them surfaces here
+        running: dict = {}  # ObjectRef → (slot, actor, group, failures)
+        busy = [0] * workers
+        forward_passes, shard_seconds = 0, 0.0
+        while calls or running:
+            for slot in range(workers):  # keep every actor's queue full
+                while calls and busy[slot] < CALLS_IN_FLIGHT:
+                    group, failures = calls.popleft()
+                    running[actors[slot].run.remote(group)] = (slot, actors[slot], group, failures)
+                    busy[slot] += 1
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            slot, actor, group, failures = running.pop(ref)
+            busy[slot] -= 1
+            try:
+                results = ray.get(ref)
+            except RayError as exc:
+                if isinstance(exc, RayActorError) and actors[slot] is actor:  # Ray gave up on it: a new one
+                    actors[slot] = actor_cls.remote(**options)
+                if verbose():
+                    log(JOB, f"shards {[t.shard for t in group]} failed (attempt {failures + 1} of "
+                             f"{SHARD_RETRIES + 1}): {exc}")
+                if failures < SHARD_RETRIES:
+                    calls.appendleft((group, failures + 1))
+                continue
+            for result in results:
+                forward_passes += result.forward_passes
+                shard_seconds += result.seconds
+                progress.add(result.rows)
+        return forward_passes, shard_seconds
     finally:
-        for name, value in saved.items():
-            setattr(context, name, value)
-
+        for actor in actors:
+            ray.kill(actor)
