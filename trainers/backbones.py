@@ -307,6 +307,11 @@ def backbone_specs(names: str | Sequence[str], weights: str | Mapping[str, str] 
             cache.save()
 
 
+def pooled_width(name: str) -> int:
+    """Width of ``name``'s globally pooled output (timm's ``num_features``), without weights."""
+    return _meta_build(canonical_name(name)).num_features
+
+
 def _meta_build(name: str) -> nn.Module:
     """``name``'s architecture with parameters on the meta device (same names, shapes, dtypes);
     built for real should some architecture's constructor need real tensors."""

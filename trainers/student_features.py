@@ -17,7 +17,7 @@ counts it as unreadable with the view's failure reason, as it would have counted
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -31,7 +31,7 @@ from featurestore.layout import ArraySpec, EntryLayout, default_shard_rows
 from featurestore.pixels import PIXELS_ARRAY, PixelViewSpec, pixel_index, pixels_key
 from featurestore.specs import BackboneSpec, EntrySpec, ExtractorSpec
 from featurestore.store import FeatureStore
-from trainers.backbones import _meta_build, backbone_specs, canonical_name, create_model
+from trainers.backbones import backbone_specs, canonical_name, create_model, pooled_width
 from trainers.student import Student, StudentSpec
 from trainers.student_views import StoredViews, run_shard_tasks
 
@@ -61,7 +61,7 @@ def pooled_extractor(student: StudentSpec, view: PixelViewSpec, use_gpu: bool) -
     weight digest (from the digest cache; no weights loaded here), the view and the precision."""
     name = canonical_name(student.backbone)
     weights = backbone_specs([name], student.weights)[0].weights
-    width = _meta_build(name).num_features
+    width = pooled_width(name)
     return ExtractorSpec(backbones=(BackboneSpec(name=name, weights=weights, layers=(LAYER,), width=width),),
                          input_policy=f"stored-view:{pixels_key(view)}", pooling=POOLING,
                          compute_dtype="bfloat16" if use_gpu else "float32", dtype="float32")
@@ -103,8 +103,7 @@ def ensure_pooled(store_url: str, student: StudentSpec, views: StoredViews, hash
                                "the others are committed: rerun to retry exactly those")
     writer.finalize()
     register_segment(store, extractor, store.open(spec.key))
-    pooled = stored_pooled(store_url, extractor, views)
-    return StoredPooled(extractor, pooled.index, pooled.failures, computed)
+    return replace(stored_pooled(store_url, extractor, views), computed=computed)
 
 
 def write_pooled_shards(store_url: str, spec: dict, layout: dict, student: dict, view: dict, hashes_hex: list[str],

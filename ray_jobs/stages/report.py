@@ -328,6 +328,13 @@ def paired_comparisons(results: dict) -> list[dict]:
     return rows
 
 
+def shown_pairs(results: dict) -> list[dict]:
+    """The paired comparisons the report shows (and writes as paired.json): none unless some
+    metric has two or more pairs."""
+    rows = paired_comparisons(results)
+    return rows if any(stat["pairs"] > 1 for row in rows for stat in row["metrics"].values()) else []
+
+
 def paired_table(rows: list[dict]) -> str:
     """The paired comparison as a table, one row per student, loss and metric."""
     header = ("Student", "Loss", "Metric", "Pairs (splits × seeds)", "Mean paired difference ± sd", "Better / worse",
@@ -662,7 +669,7 @@ TEACHER_SEEDS_TEXT = ("The distiller refitted with each seed on the same split, 
                       "the teacher's test metrics move through training randomness alone. Range = max − min.")
 
 
-def report_markdown(results: dict, table: str, plots: dict[str, str]) -> str:
+def report_markdown(results: dict, table: str, plots: dict[str, str], paired: list[dict]) -> str:
     comparisons = comparison_lines(results)
     sections = [f"# {results['title']}", INTRO, "## Setup", setup_table(results.get("setup", {})),
                 "## Results", table, "## Comparison"]
@@ -675,8 +682,7 @@ def report_markdown(results: dict, table: str, plots: dict[str, str]) -> str:
     if "splits" in plots:
         sections += ["## KD vs baseline per split (Fig. 6)", SPLITS_TEXT,
                      f"![SRCC per split, each loss beside its baseline]({plots['splits']})", split_table(by_split)]
-    paired = paired_comparisons(results)
-    if any(stat["pairs"] > 1 for row in paired for stat in row["metrics"].values()):
+    if paired:
         sections += ["## Paired comparison over splits × seeds", PAIRED_TEXT, paired_table(paired)]
     if "teacher_seeds" in plots:
         sections += ["## Teacher over training seeds (Fig. 7)", TEACHER_SEEDS_TEXT,
@@ -711,10 +717,10 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> dict:
         plots["splits"] = plot_splits(by_split, out)
     if results.get("teacher_seeds"):
         plots["teacher_seeds"] = plot_teacher_seeds(results, out)
-    if paired := paired_comparisons(results):
+    if paired := shown_pairs(results):
         atomic_write_bytes(out / PAIRED_JSON, json.dumps(paired, indent=1, ensure_ascii=False, default=plain).encode())
     as_json = json.dumps(results, indent=1, ensure_ascii=False, default=plain)
     atomic_write_bytes(out / "results.json", as_json.encode())
     table = results_table(results)
-    atomic_write_bytes(out / "report.md", report_markdown(results, table, plots).encode())
+    atomic_write_bytes(out / "report.md", report_markdown(results, table, plots, paired).encode())
     return {"report": str(out / "report.md"), "table": table, "plots": [str(out / name) for name in plots.values()]}

@@ -218,9 +218,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     workers = workers[0] if isinstance(workers, tuple) and len(workers) == 1 else workers
     log(JOB, f"student {student.backbone} ({student.view}) with loss {cfg.loss.kind} on {workers} "
              f"{'GPU' if use_gpu else 'CPU'} worker(s); knowledge {cfg.knowledge_entry}")
-    views = prepare_views(store.url, table, knowledge, student, use_gpu, cfg.val_fraction) \
+    hashes = knowledge_hashes(knowledge)
+    views = prepare_views(store.url, table, hashes, student, use_gpu, cfg.val_fraction) \
         if cfg.images == "stored" else None
-    pooled = ensure_pooled(store.url, student, views, knowledge_hashes(knowledge), use_gpu,
+    pooled = ensure_pooled(store.url, student, views, hashes, use_gpu,
                            log=lambda line: log(JOB, line)) if cfg.pooled else None
     loop_config = {"store": store.url, "knowledge_entry": cfg.knowledge_entry, "student": student.to_json(),
                    "dataset_table": put_table(store, table), "max_unreadable_fraction": cfg.max_unreadable_fraction,
@@ -268,12 +269,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                        seconds=round(time.perf_counter() - started, 3))
 
 
-def prepare_views(store_url: str, table, knowledge, student: StudentSpec, use_gpu: bool,
+def prepare_views(store_url: str, table, hashes: np.ndarray, student: StudentSpec, use_gpu: bool,
                   val_fraction: float) -> StoredViews:
     """Decode the student views that the run's train, validation and test images lack into the
     store, one set after the other: each set's images then sit in shards of their own, so
     validating reads only validation images."""
-    hashes = knowledge_hashes(knowledge)
     view, decoded = pixel_view(student.view, use_gpu), 0
     for rows in student_splits(table, hashes, student.label, val_fraction).values():
         distinct, first = np.unique(rows.sha256, return_index=True)
