@@ -28,6 +28,7 @@ Decisions a caller can rely on:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -41,7 +42,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 from . import sources
 from .errors import UserError
@@ -107,11 +108,22 @@ class _Table:
 def load_dataset(path: str, format: str, name: str | None = None, *, test_fraction: float | None = None,
                  hash_workers: int = DEFAULT_HASH_WORKERS, cache_dir: str | os.PathLike | None = None,
                  stats: HashStats | None = None) -> DatasetManifest:
-    """Read the dataset at ``path`` (a directory, prefix or CSV file; local or ``s3://``).
+    """Read the dataset at ``path`` (a directory, prefix or CSV file; local or ``s3://``), hashing
+    every image the cache does not vouch for.
 
     ``cache_dir`` holds the hash cache (default ``$AKD_CACHE_DIR`` or ``~/.cache/aesthetic-kd/hashes``);
     ``stats``, when given, has what hashing did added to its counts.
     """
+    stats = HashStats() if stats is None else stats
+    dataset = index_dataset(path, format, name, test_fraction=test_fraction, hash_workers=hash_workers,
+                            cache_dir=cache_dir, stats=stats)
+    return dataset.hashed(hash_workers, stats).complete({})
+
+
+def index_dataset(path: str, format: str, name: str | None = None, *, test_fraction: float | None = None,
+                  hash_workers: int = DEFAULT_HASH_WORKERS, cache_dir: str | os.PathLike | None = None,
+                  stats: HashStats | None = None) -> IndexedDataset:
+    """:func:`load_dataset` up to, not including, reading images to hash them (see ``IndexedDataset``)."""
     if format not in _READERS:
         raise DatasetError(f"unknown dataset format {format!r}; use one of: {', '.join(FORMATS)}")
     if hash_workers < 1:
@@ -120,22 +132,13 @@ def load_dataset(path: str, format: str, name: str | None = None, *, test_fracti
     table = _READERS[format](root)
     _check_unique(table.image_ids, root)
     splits = _resolve_splits(table, test_fraction, root)
-    stats = HashStats() if stats is None else stats
-    sha256 = hash_images(table.uris, table.listing, _cache_file(cache_dir, format, root), hash_workers, stats)
-    if missing := sha256.count(MISSING_SHA256):
-        warnings.warn(f"{root}: {missing} of {len(sha256)} images are missing; their rows carry "
-                      "sha256 MISSING_SHA256 (64 zeros) and will be recorded as failed rows", stacklevel=2)
-    return DatasetManifest(
+    cache_file = _cache_file(cache_dir, format, root)
+    sha256, unhashed, entries, cached = index_images(table, cache_file, hash_workers,
+                                                     HashStats() if stats is None else stats)
+    return IndexedDataset(
         name=name or (posixpath.splitext(posixpath.basename(root))[0] if format == "csv" else format),
-        image_ids=tuple(table.image_ids),
-        uris=tuple(table.uris),
-        sha256=tuple(sha256),
-        splits=tuple(splits),
-        votes=None if table.votes is None else tuple(table.votes),
-        mean_scores=None if table.mean_scores is None else tuple(table.mean_scores),
-        tags=None if table.tags is None else tuple(table.tags),
-        tag_names=table.tag_names,
-    )
+        root=root, rows=table, splits=tuple(splits), sha256=tuple(sha256), stats=unhashed, entries=entries,
+        cache_file=cache_file, cached=cached)
 
 
 def hash_split(image_id: str, test_fraction: float) -> str:
@@ -318,79 +321,146 @@ def _resolve_splits(table: _Table, test_fraction: float | None, root: str) -> li
 
 # -- hashing ---------------------------------------------------------------------------------
 
-def hash_images(uris: list[str], listing: Mapping[str, Stat] | None, cache_file: Path, workers: int,
-                stats: HashStats) -> list[str]:
-    """SHA-256 of each image's bytes (``MISSING_SHA256`` where it does not exist), in ``uris`` order.
+@dataclass(frozen=True, eq=False)
+class IndexedDataset:
+    """A dataset's rows with the image hashes that need no read: absent images and those whose
+    stat still matches the cache. ``unhashed`` rows need their bytes read to be hashed.
 
-    The cache maps URI → ``[size, version, sha256]``; an image whose stat still matches is not
-    read. ``listing`` supplies stats from a folder listing, which settles absent and unchanged
-    images without any I/O; the rest (all of them without a listing: they need a stat) go to a
-    thread pool in bounded chunks, so memory stays flat for 255k images.
+    :func:`load_dataset` reads them on the spot. The extraction job instead leaves them to the
+    workers that read each image anyway to decode it, so a first extraction reads every image
+    once, and then calls :meth:`complete` with the hashes the workers report. Until then an
+    unhashed image is known by its :meth:`fingerprints` (URI, size, version).
+    """
+
+    name: str
+    root: str
+    rows: _Table
+    splits: tuple[str, ...]
+    sha256: tuple[str | None, ...]   # None: unhashed; MISSING_SHA256: absent
+    stats: Mapping[int, Stat]        # row → stat, for the unhashed rows
+    entries: Mapping[str, list]      # URI → cache entry [size, version, sha256], for the hashed rows
+    cache_file: Path
+    cached: Mapping[str, list]       # the cache as loaded
+
+    @property
+    def unhashed(self) -> list[int]:
+        return sorted(self.stats)
+
+    def fingerprints(self, rows: Iterable[int]) -> list[str]:
+        """What an unhashed image is known by until it is read: its URI, size and version."""
+        return [f"{self.rows.uris[i]}\0{self.stats[i].size}\0{self.stats[i].version}" for i in rows]
+
+    def hashed(self, workers: int = DEFAULT_HASH_WORKERS, stats: HashStats | None = None) -> IndexedDataset:
+        """This dataset with its unhashed rows read and hashed, on ``workers`` threads."""
+        digests = read_hashes(self, workers, HashStats() if stats is None else stats)
+        uris = self.rows.uris
+        return dataclasses.replace(
+            self, sha256=tuple(digests.get(i, h) for i, h in enumerate(self.sha256)), stats={},
+            entries={**self.entries, **{uris[i]: [self.stats[i].size, self.stats[i].version, d]
+                                        for i, d in digests.items() if d != MISSING_SHA256}})
+
+    def complete(self, digests: Mapping[int, str]) -> DatasetManifest:
+        """The manifest, given the hex SHA-256 (``MISSING_SHA256`` for an image found gone) of
+        every unhashed row; the new hashes go into the cache."""
+        if lacking := [i for i in self.stats if i not in digests]:
+            raise ValueError(f"{len(lacking)} unhashed row(s) have no digest, e.g. {self.rows.uris[lacking[0]]}")
+        sha256 = [digests[i] if h is None else h for i, h in enumerate(self.sha256)]
+        fresh = dict(self.entries)
+        for i, st in self.stats.items():
+            if digests[i] != MISSING_SHA256:
+                fresh[self.rows.uris[i]] = [st.size, st.version, digests[i]]
+        if fresh != self.cached:
+            _save_cache(self.cache_file, fresh)  # only this dataset's current files: stale URIs drop out
+        if missing := sha256.count(MISSING_SHA256):
+            warnings.warn(f"{self.root}: {missing} of {len(sha256)} images are missing; their rows carry "
+                          "sha256 MISSING_SHA256 (64 zeros) and will be recorded as failed rows", stacklevel=2)
+        table = self.rows
+        return DatasetManifest(
+            name=self.name, image_ids=tuple(table.image_ids), uris=tuple(table.uris), sha256=tuple(sha256),
+            splits=self.splits, votes=None if table.votes is None else tuple(table.votes),
+            mean_scores=None if table.mean_scores is None else tuple(table.mean_scores),
+            tags=None if table.tags is None else tuple(table.tags), tag_names=table.tag_names)
+
+
+def index_images(table: _Table, cache_file: Path, workers: int, stats: HashStats) -> tuple[
+        list[str | None], dict[int, Stat], dict[str, list], dict[str, list]]:
+    """Settle every image that needs no read: ``(sha256 or None per row, stat of each unhashed
+    row, cache entries of the settled ones, the cache as loaded)``.
+
+    ``listing`` supplies stats from a folder listing, which settles absent and unchanged images
+    without any I/O; without one each image is stat-ed, on a thread pool in bounded chunks.
     """
     cached = _load_cache(cache_file)
-    fresh: dict[str, list] = {}
-    digests = [MISSING_SHA256] * len(uris)
+    digests: list[str | None] = [MISSING_SHA256] * len(table.uris)
+    unhashed: dict[int, Stat] = {}
+    entries: dict[str, list] = {}
 
-    def unchanged(uri: str, st: Stat) -> list | None:
-        hit = cached.get(uri)
-        return hit if hit is not None and hit[0] == st.size and hit[1] == st.version else None
-
-    def record(i: int, uri: str, entry: list | None, was_read: bool = False) -> None:
-        if entry is None:
-            stats.missing += 1
-            return
-        stats.hashed += was_read
-        stats.cached += not was_read
-        fresh[uri] = entry
-        digests[i] = entry[2]
-
-    def fetch(uri: str, st: Stat | None) -> tuple[list | None, bool]:
-        """Pool task: ``(cache entry or None if the image does not exist, whether it was read)``."""
-        st = st or _stat_or_none(uri)
+    def settle(i: int, uri: str, st: Stat | None) -> None:
         if st is None:
-            return None, False
-        if (hit := unchanged(uri, st)) is not None:
-            return hit, False
-        try:
-            data = sources.read_bytes(uri)
-        except MissingSourceError:
-            return None, False
-        return [st.size, st.version, hashlib.sha256(data).hexdigest()], True
-
-    todo = []
-    for i, uri in enumerate(uris):
-        st = listing.get(uri) if listing is not None else None
-        if listing is not None and st is None:
-            record(i, uri, None)
-        elif st is not None and (hit := unchanged(uri, st)) is not None:
-            record(i, uri, hit)
+            stats.missing += 1
+        elif (hit := cached.get(uri)) is not None and hit[0] == st.size and hit[1] == st.version:
+            stats.cached += 1
+            entries[uri], digests[i] = hit, hit[2]
         else:
-            todo.append((i, uri, st))
+            digests[i], unhashed[i] = None, st
 
-    chunk = 64 * workers
-    started = last_progress = last_checkpoint = time.monotonic()
+    listing = table.listing
+    if listing is not None:
+        for i, uri in enumerate(table.uris):
+            settle(i, uri, listing.get(uri))
+    else:
+        rows = list(enumerate(table.uris))
+        for (i, uri), st in _pooled(rows, lambda row: _stat_or_none(row[1]), workers, "checking images"):
+            settle(i, uri, st)
+    return digests, unhashed, entries, cached
+
+
+def read_hashes(dataset: IndexedDataset, workers: int, stats: HashStats) -> dict[int, str]:
+    """Read and hash the unhashed rows of ``dataset``: row → hex SHA-256 (``MISSING_SHA256`` for
+    an image gone since its stat). A long run checkpoints the cache, so an interruption loses
+    little."""
+    uris = dataset.rows.uris
+    digests: dict[int, str] = {}
+    last_checkpoint = time.monotonic()
+
+    def checkpoint() -> None:
+        _save_cache(dataset.cache_file, {**dataset.cached, **{
+            uris[i]: [dataset.stats[i].size, dataset.stats[i].version, d] for i, d in digests.items()
+            if d != MISSING_SHA256}})
+
+    def read(i: int) -> str:
+        try:
+            return hashlib.sha256(sources.read_bytes(uris[i])).hexdigest()
+        except MissingSourceError:
+            return MISSING_SHA256
+
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
-            for start in range(0, len(todo), chunk):
-                batch = todo[start:start + chunk]
-                for (i, uri, _), (entry, was_read) in zip(batch, pool.map(lambda t: fetch(*t[1:]), batch)):
-                    record(i, uri, entry, was_read)
-                now = time.monotonic()
-                if now - last_progress >= PROGRESS_SECONDS:
-                    print(f"hashing images: {start + len(batch)}/{len(todo)} checked ({stats.hashed} read, "
-                          f"{stats.cached} cached, {stats.missing} missing, {now - started:.0f}s)",
-                          file=sys.stderr, flush=True)
-                    last_progress = now
-                if stats.hashed and now - last_checkpoint >= CHECKPOINT_SECONDS:
-                    _save_cache(cache_file, {**cached, **fresh})
-                    last_checkpoint = now
+        for i, digest in _pooled(dataset.unhashed, read, workers, "hashing images"):
+            digests[i] = digest
+            stats.hashed += digest != MISSING_SHA256
+            stats.missing += digest == MISSING_SHA256
+            if time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
+                checkpoint()
+                last_checkpoint = time.monotonic()
     except BaseException:
-        if stats.hashed:  # keep what was hashed so a rerun resumes instead of starting over
-            _save_cache(cache_file, {**cached, **fresh})
+        if digests:  # keep what was hashed so a rerun resumes instead of starting over
+            checkpoint()
         raise
-    if stats.hashed or fresh.keys() != cached.keys():
-        _save_cache(cache_file, fresh)  # only this dataset's current files: stale URIs drop out
     return digests
+
+
+def _pooled(items: list, fn: Callable, workers: int, label: str) -> Iterator[tuple]:
+    """``(item, fn(item))`` in order, ``fn`` on a thread pool in chunks (memory stays flat for
+    255k images), with progress on stderr every few seconds."""
+    chunk = 64 * workers
+    started = last_progress = time.monotonic()
+    with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
+        for start in range(0, len(items), chunk):
+            batch = items[start:start + chunk]
+            yield from zip(batch, pool.map(fn, batch))
+            if (now := time.monotonic()) - last_progress >= PROGRESS_SECONDS:
+                print(f"{label}: {start + len(batch)}/{len(items)} ({now - started:.0f}s)", file=sys.stderr, flush=True)
+                last_progress = now
 
 
 def _stat_or_none(uri: str) -> Stat | None:

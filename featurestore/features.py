@@ -7,6 +7,13 @@ in sorted order, with the ``gsf`` array and a ``sha256`` array row-aligned. A se
 hashes the extractor and its hash list, so it is a pure function of what it holds: a killed
 extraction that plans the same new images resumes the same segment, shard by shard.
 
+A first extraction (the extractor's table is empty, so there is nothing to reuse) does not
+hash images before it plans: its segment's rows are the images of known hash, as above, then
+the not yet hashed ones in dataset order, keyed by their URI, size and version; the workers
+that read each image to decode it hash it and write the hash into ``sha256``. So every image
+is read once, and the ``sha256`` array, not the key, says which image a row holds (the same
+bytes under two URIs then take two rows; the index uses the first).
+
 An extraction computes only the hashes the extractor's table lacks, as one new segment; a
 dataset that gains k images costs k forward passes, and images shared by two datasets (or
 repeated in one) are computed once. A finished segment is registered under
@@ -43,11 +50,14 @@ def extractor_key(extractor: ExtractorSpec) -> str:
     return entry_key("extractor", extractor.to_json())
 
 
-def segment_spec(extractor: ExtractorSpec, hashes: np.ndarray) -> EntrySpec:
-    """The spec of a segment holding exactly ``hashes`` (sorted, distinct) under ``extractor``."""
+def segment_spec(extractor: ExtractorSpec, hashes: np.ndarray, unhashed: Sequence[str] = ()) -> EntrySpec:
+    """The spec of a segment holding exactly ``hashes`` (sorted, distinct) under ``extractor``,
+    then the images known by the ``unhashed`` fingerprints (``IndexedDataset.fingerprints``)."""
     images = hashlib.sha256(hash_bytes(hashes).tobytes()).hexdigest()
-    return EntrySpec(kind=SEGMENT_KIND, identity={"extractor": extractor.to_json(), "images": images,
-                                                  "rows": int(len(hashes))})
+    identity = {"extractor": extractor.to_json(), "images": images, "rows": int(len(hashes) + len(unhashed))}
+    if unhashed:  # absent otherwise, so the keys of segments of hashed images do not depend on this
+        identity["unhashed"] = hashlib.sha256("\n".join(unhashed).encode()).hexdigest()
+    return EntrySpec(kind=SEGMENT_KIND, identity=identity)
 
 
 def write_segment(store: FeatureStore, extractor: ExtractorSpec, hashes: np.ndarray, gsf: np.ndarray,

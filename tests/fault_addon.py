@@ -49,6 +49,7 @@ class FaultInjector:
         self.generation = None
         self.rng = random.Random(0)
         self.stats = dict.fromkeys(COUNTERS, 0)
+        self.gets: dict[str, int] = {}  # GET requests passed upstream, by path (no query)
 
     def load(self, loader) -> None:
         loader.add_option("fault_rules", str, "", "JSON file with the fault rules (re-read when it changes)")
@@ -79,6 +80,7 @@ class FaultInjector:
         if rules.get("generation") != self.generation:
             self.generation = rules.get("generation")
             self.stats = dict.fromkeys(COUNTERS, 0)
+            self.gets = {}
 
     def _write_stats(self) -> None:
         path = ctx.options.fault_stats
@@ -86,7 +88,7 @@ class FaultInjector:
             return
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({**self.stats, "generation": self.generation}, f)
+            json.dump({**self.stats, "gets": self.gets, "generation": self.generation}, f)
         os.replace(tmp, path)
 
     def _count(self, what: str) -> None:
@@ -125,6 +127,8 @@ class FaultInjector:
             flow.response = _xml_error(flow, 500, INTERNAL_BODY)
             self._count("internal_error")
         else:
+            if flow.request.method == "GET":
+                self.gets[path.split("?")[0]] = self.gets.get(path.split("?")[0], 0) + 1
             self._count("passed")
 
 

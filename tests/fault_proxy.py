@@ -18,7 +18,8 @@ Rules (all optional; :meth:`FaultProxy.set` merges them into the current ones):
 
 The addon (tests/fault_addon.py) re-reads the rules file when it changes; it writes counters of
 what it injected to a stats file: ``requests``, ``passed``, ``delayed``, ``slowdown``,
-``internal_error``, ``drop``, ``outage``. :meth:`clear` drops every rule and zeroes the counters.
+``internal_error``, ``drop``, ``outage``, and the GETs it passed by path
+(:meth:`FaultProxy.gets`). :meth:`clear` drops every rule and zeroes the counters.
 Only loopback endpoints are accepted, the proxy listens on 127.0.0.1 only, and :meth:`stop` ends
 only the process it started, by its pid.
 """
@@ -209,6 +210,15 @@ class FaultProxy:
         if data.get("generation") != self._generation:  # no request seen since clear()
             return dict.fromkeys(COUNTERS, 0)
         return {k: int(data.get(k, 0)) for k in COUNTERS}
+
+    def gets(self) -> dict[str, int]:
+        """GET requests passed upstream since start or the last :meth:`clear`, by path
+        (``/bucket/key``: the proxy's upstream is a path-style endpoint)."""
+        try:
+            data = json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        return dict(data.get("gets", {})) if data.get("generation") == self._generation else {}
 
     @property
     def injected(self) -> int:

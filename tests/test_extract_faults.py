@@ -1,4 +1,5 @@
 """Extraction through real S3 faults: images and store on the moto server behind mitmproxy.
+The proxy also counts the GETs it passes, which shows what a run reads.
 
 Each run is the real job as a user runs it (``python -m ray_jobs.extract``, its own local Ray
 instance) with ``AWS_ENDPOINT_URL`` pointing at the fault proxy, so the driver, the Ray workers,
@@ -77,6 +78,32 @@ def test_twenty_percent_faults_give_the_fault_free_entry(fault_proxy, s3_bucket,
     _, want = features(f"s3://{s3_bucket}/clean", clean["entry"])
     manifest, got = features(f"s3://{s3_bucket}/faulty", faulty["entry"])
     assert manifest["failed"] == 1 and got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_a_first_extraction_reads_each_image_once_and_records_the_true_hashes(fault_proxy, s3_bucket, tmp_path):  # noqa: F811
+    images = upload_dataset(s3_bucket)
+    keys = [f"/{s3_bucket}/imgs/{image_id}.jpg" for image_id in list(images)[:N - 1]]  # the uploaded ones
+    cold = tmp_path / "cold"  # a hash cache that knows none of the images: the workers hash them
+    first = result(run_extract(s3_bucket, f"s3://{s3_bucket}/first", fault_proxy.endpoint, cold))
+    gets = fault_proxy.gets()
+    assert (first["ok"], first["failed"], first["computed_rows"]) == (N - 1, 1, N - 1)
+    assert [gets.get(k, 0) for k in keys] == [1] * len(keys), {k: gets.get(k, 0) for k in keys}
+
+    fault_proxy.clear()  # the same run, reused: no image is read
+    again = result(run_extract(s3_bucket, f"s3://{s3_bucket}/first", fault_proxy.endpoint, cold))
+    assert again["forward_passes"] == 0 and not any(fault_proxy.gets().get(k, 0) for k in keys)
+
+    # Into a fresh store with the hashes the first run cached: the driver reads nothing, the
+    # workers check each image against its hash. The same view key means the hashes the
+    # workers recorded are the images' true hashes; the features are the same too.
+    fault_proxy.clear()
+    known = result(run_extract(s3_bucket, f"s3://{s3_bucket}/known", fault_proxy.endpoint, cold))
+    assert [fault_proxy.gets().get(k, 0) for k in keys] == [1] * len(keys)
+    assert known["entry"] == first["entry"] and known["segment"] != first["segment"]  # keyed by hash, not URI
+    _, want = features(f"s3://{s3_bucket}/known", known["entry"])
+    manifest, got = features(f"s3://{s3_bucket}/first", first["entry"])
+    assert manifest["failed"] == 1 and got.keys() == want.keys() == set(list(images)[:N - 1])
     assert all(np.array_equal(got[k], want[k]) for k in want)
 
 

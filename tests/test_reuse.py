@@ -142,14 +142,18 @@ def test_a_moved_dataset_reuses_features_and_knowledge(ray_local, tmp_path, s3_b
 
 
 @pytest.mark.slow
-def test_a_killed_incremental_extraction_resumes_bit_exact(ray_local, tmp_path):
+@pytest.mark.parametrize("base", [32, 0], ids=["incremental", "first"])
+def test_a_killed_extraction_resumes_bit_exact(ray_local, tmp_path, monkeypatch, base):
+    """``incremental``: 192 images join 32 with features; ``first``: 224 images, none hashed
+    before (the segment is keyed by their URIs and the workers hash them)."""
     rng = np.random.default_rng(7)
     images = {str(i): jpeg_bytes(rng, 192, 160) for i in range(224)}
     names = list(images)
     store = tmp_path / "killed"
-    write_ava(tmp_path / "ava", {k: images[k] for k in names[:32]})
-    base = extract(tmp_path / "ava", str(store))
-    write_ava(tmp_path / "ava", images)  # +192 images
+    if base:
+        write_ava(tmp_path / "ava", {k: images[k] for k in names[:base]})
+        extract(tmp_path / "ava", str(store))
+    write_ava(tmp_path / "ava", images)
     proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.extract", f"dataset.path={tmp_path / 'ava'}", *SMALL,
                              f"store={store}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "RAY_ADDRESS": ""})
@@ -163,12 +167,16 @@ def test_a_killed_incremental_extraction_resumes_bit_exact(ray_local, tmp_path):
     assert 1 <= committed < 6, f"{committed} new shards committed before the kill"
 
     resumed = extract(tmp_path / "ava", str(store))
-    assert resumed["computed_rows"] == 192 - 32 * committed and resumed["reused_rows"] == 224 - resumed["computed_rows"]
-    # the same two steps, uninterrupted
+    assert resumed["computed_rows"] == 224 - base - 32 * committed
+    assert resumed["reused_rows"] == 224 - resumed["computed_rows"]
+    # the same steps, uninterrupted, into another store
     clean = str(tmp_path / "clean")
-    write_ava(tmp_path / "ava", {k: images[k] for k in names[:32]})
-    assert extract(tmp_path / "ava", clean)["segment"] == base["segment"]
-    write_ava(tmp_path / "ava", images)
+    if base:  # the base's segment is keyed by URI and file version, so only the new one must match
+        write_ava(tmp_path / "ava", {k: images[k] for k in names[:base]})
+        assert extract(tmp_path / "ava", clean)["computed_rows"] == base
+        write_ava(tmp_path / "ava", images)
+    else:  # a hash cache that knows none of the images again: the same URI-keyed segment
+        monkeypatch.setenv("AKD_CACHE_DIR", str(tmp_path / "clean-hash-cache"))
     uninterrupted = extract(tmp_path / "ava", clean)
     assert (uninterrupted["entry"], uninterrupted["segment"]) == (resumed["entry"], resumed["segment"])
     a = FeatureStore(str(store)).open(resumed["segment"])

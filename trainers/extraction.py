@@ -19,7 +19,8 @@ image. An I/O error that is not "the object is gone" fails the shard instead, so
 fault is retried and never becomes a permanent failed row.
 
 ``run_all`` pipelines the shards of one call so the backbones do not wait on I/O: while shard
-*i* is forwarded, a loader thread reads, hash-checks and decodes shards *i + 1* and *i + 2* (two
+*i* is forwarded, a loader thread reads, hashes (checking the indexed hash where there is one)
+and decodes shards *i + 1* and *i + 2* (two
 ahead, because shard *i + 1* must be decoded before shard *i*'s topped-up batches run; memory holds
 at most three shards of images) and a writer thread commits shard *i − 1* (one write pending). A
 shard whose read or write fails stays uncommitted while the others of the call go on; the call
@@ -58,6 +59,10 @@ class SpecMismatch(UserError, RuntimeError):
 
 @dataclass(frozen=True)
 class ShardTask:
+    """A shard's rows: where to read each image and its hex SHA-256 from the dataset's index, to
+    check the bytes against; ``""`` for an image not hashed yet, which is hashed as it is read
+    and written into the segment's ``sha256`` array (a first extraction: one read per image)."""
+
     shard: int
     start: int
     uris: tuple[str, ...]
@@ -164,7 +169,7 @@ class ShardExtractor:
                 if index < len(tasks) and index not in loads:
                     loads[index] = loader.submit(self._load, tasks[index])
 
-            def loaded(index: int) -> tuple[dict[int, torch.Tensor], dict[int, str]] | None:
+            def loaded(index: int) -> tuple[dict[int, torch.Tensor], dict[int, str], dict[int, str]] | None:
                 """The shard's images and failures; None if committed already, failed to load or
                 past the end (a failed load is recorded when its own turn comes)."""
                 if index >= len(tasks) or loads[index].exception() is not None:
@@ -187,7 +192,7 @@ class ShardExtractor:
                 if shard is None:  # an earlier attempt committed it
                     results[i] = ShardResult(task.shard, len(task.uris), 0, 0, 0, 0.0)
                     continue
-                images, failures = shard
+                images, failures, digests = shard
                 failures = {**failures, **early_failures}
                 features, early, early_failures = early, {}, {}
                 forwards_before = self.forward_passes
@@ -206,7 +211,7 @@ class ShardExtractor:
                         (features if row in images else early)[row] = vector
                     for row, reason in next_failures.items():
                         (failures if row in images else early_failures)[row] = reason
-                arrays = self._arrays(task, features)
+                arrays = self._arrays(task, features, digests)
                 if pending is not None:
                     self._commit(results, *pending, errors)
                 pending = (i, writer.submit(self.writer.write_shard, task.shard, arrays, failures=failures))
@@ -232,13 +237,14 @@ class ShardExtractor:
             return
         results[index] = dataclasses.replace(results[index], ok=commit.ok, failed=commit.failed)
 
-    def _load(self, task: ShardTask) -> tuple[dict[int, torch.Tensor], dict[int, str]] | None:
-        """Decoded images and failures by row; None when the shard is committed already. Runs on
-        the loader thread, the only user of the decoder."""
+    def _load(self, task: ShardTask) -> tuple[dict[int, torch.Tensor], dict[int, str], dict[int, str]] | None:
+        """Decoded images, failures and the hex SHA-256 of the bytes read, by row; None when the
+        shard is committed already. Runs on the loader thread, the only user of the decoder."""
         if self.writer.is_committed(task.shard):
             return None
         failures: dict[int, str] = {}
-        encoded = self._read(task, failures)
+        digests: dict[int, str] = {}
+        encoded = self._read(task, failures, digests)
         images = {}
         rows = sorted(encoded)
         for row, decoded in zip(rows, self.decoder.decode([encoded[r] for r in rows])):
@@ -246,36 +252,43 @@ class ShardExtractor:
                 failures[row] = f"cannot decode {task.uris[row - task.start]}: {decoded.reason}"
             else:
                 images[row] = decoded.image
-        return images, failures
+        return images, failures, digests
 
-    def _arrays(self, task: ShardTask, vectors: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-        """The shard's arrays as the store takes them: features by row, zeros where none."""
+    def _arrays(self, task: ShardTask, vectors: dict[int, np.ndarray], digests: dict[int, str]) -> dict[str, np.ndarray]:
+        """The shard's arrays as the store takes them: features by row, zeros where none; the
+        indexed hash of each row, or the hash of the bytes read where the task had none (zeros
+        if the image was gone)."""
         features = np.zeros((len(task.uris), self.extractor.width), np.float16)
         for row, vector in vectors.items():
             features[row - task.start] = vector
-        hashes = np.frombuffer(bytes.fromhex("".join(task.sha256)), np.uint8).reshape(-1, 32)
+        hexes = [expected or digests.get(task.start + i, MISSING_SHA256) for i, expected in enumerate(task.sha256)]
+        hashes = np.frombuffer(bytes.fromhex("".join(hexes)), np.uint8).reshape(-1, 32)
         return {GSF_ARRAY: features, HASH_ARRAY: hashes}
 
-    def _read(self, task: ShardTask, failures: dict[int, str]) -> dict[int, bytes]:
-        """Image bytes by row; rows whose file is missing or changed since the manifest fail."""
+    def _read(self, task: ShardTask, failures: dict[int, str], digests: dict[int, str]) -> dict[int, bytes]:
+        """Image bytes by row, and the hex SHA-256 of each image read into ``digests``; rows
+        whose file is missing or changed since it was indexed fail."""
 
-        def read(i: int) -> tuple[int, bytes | None, str | None]:
-            uri, digest = task.uris[i], task.sha256[i]
-            if digest == MISSING_SHA256:
-                return i, None, f"missing file {uri} (absent when the dataset was indexed)"
+        def read(i: int) -> tuple[int, bytes | None, str | None, str | None]:
+            uri, expected = task.uris[i], task.sha256[i]
+            if expected == MISSING_SHA256:
+                return i, None, None, f"missing file {uri} (absent when the dataset was indexed)"
             try:
                 data = sources.read_bytes(uri)
             except sources.MissingSourceError as exc:  # gone (404): a property of the dataset, a failed row
-                return i, None, f"cannot read {uri}: {exc}"
+                return i, None, None, f"cannot read {uri}: {exc}"
             # any other read error (5xx after the client's retries, a reset, EIO) propagates: the
             # shard stays uncommitted and is retried, never recorded as a failed row
-            if hashlib.sha256(data).hexdigest() != digest:
-                return i, None, f"{uri} changed since the dataset was indexed (sha256 differs); re-index it"
-            return i, data, None
+            digest = hashlib.sha256(data).hexdigest()
+            if expected and digest != expected:
+                return i, None, digest, f"{uri} changed since the dataset was indexed (sha256 differs); re-index it"
+            return i, data, digest, None
 
         out = {}
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            for i, data, reason in pool.map(read, range(len(task.uris))):
+            for i, data, digest, reason in pool.map(read, range(len(task.uris))):
+                if digest is not None:
+                    digests[task.start + i] = digest
                 if reason is None:
                     out[task.start + i] = data
                 else:

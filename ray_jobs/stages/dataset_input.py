@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from featurestore.dataset_table import DatasetTable
-from featurestore.datasets import FORMATS, load_dataset
+from featurestore.datasets import FORMATS, IndexedDataset, index_dataset, load_dataset
 from featurestore.reader import EntryReader
 from featurestore.store import FeatureStore
 from featurestore.views import GsfView
@@ -56,3 +56,10 @@ def load_table(cfg: DatasetConfig) -> DatasetTable:
     manifest = load_dataset(cfg.path, cfg.format, name=cfg.name, test_fraction=cfg.test_fraction)
     return DatasetTable.from_manifest(manifest)
 
+
+def index_table(cfg: DatasetConfig) -> IndexedDataset:
+    """:func:`load_table` without reading the images the hash cache does not know (the
+    extraction job has its workers hash those as they read them)."""
+    if cfg.path is None:
+        raise ConfigError("dataset.path is required here")
+    return index_dataset(cfg.path, cfg.format, name=cfg.name, test_fraction=cfg.test_fraction)

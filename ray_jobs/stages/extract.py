@@ -6,6 +6,9 @@ or URIs. The job computes only the images the extractor's feature table lacks, a
 segment (featurestore/features.py), then writes this dataset's view of the table: the ``gsf``
 entry named in the result, which ``ray_jobs.distill`` takes as ``gsf_entry``. A re-split, a
 relabel or a moved dataset costs no forward pass; a dataset that gains k images costs k.
+A first extraction (nothing to reuse) does not hash the images the hash cache does not know
+before planning: the workers hash them as they read them to decode, so each image is read once
+(``plan_segment``), and the dataset's hashes come from the segment afterwards.
 
 The work unit is one segment shard, handed in small groups to plain Ray backbone actors (one GPU
 each when the cluster has GPUs) by the driver (``run_shards``). ``extract`` returns an ``ExtractResult``; the job
@@ -20,16 +23,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featurestore.dataset_table import MISSING_HASH, hashes_to_hex
+from featurestore.dataset_table import HASH_DTYPE, MISSING_HASH, DatasetTable, hashes_from_hex, hashes_of, hashes_to_hex
+from featurestore.datasets import MISSING_SHA256, IndexedDataset
 from featurestore.errors import UserError
 from featurestore.features import (GSF_ARRAY, HASH_ARRAY, FeatureIndex, register_segment, segment_spec,
                                    segment_uris, table_segments)
 from featurestore.layout import ArraySpec, EntryLayout, default_shard_rows
-from featurestore.specs import ExtractorSpec
+from featurestore.specs import EntrySpec, ExtractorSpec
 from featurestore.store import FeatureStore
 from featurestore.views import view_spec, write_view
 from ray_jobs.config import ConfigError, option
-from ray_jobs.stages.dataset_input import DatasetConfig, load_table
+from ray_jobs.stages.dataset_input import DatasetConfig, index_table, load_table
 from ray_jobs.runtime import Progress, cluster_gpus, init_ray, is_local, log, verbose
 from trainers.backbones import backbone_specs, expand_names
 from trainers.extraction import ShardTask, ShardWorker, input_policy
@@ -146,11 +150,46 @@ class ExtractResult:
     images_per_s: float
 
 
+@dataclass(frozen=True)
+class SegmentPlan:
+    """The rows of the segment an extraction writes, in order: the known hashes the extractor's
+    table lacks (sorted, distinct), then the ``unhashed`` dataset rows (a first extraction: their
+    workers hash them as they read them, see featurestore/features.py). ``uris`` and ``expected``
+    (hex SHA-256, ``""`` where the worker hashes) are per segment row."""
+
+    spec: EntrySpec
+    hashes: np.ndarray
+    unhashed: tuple[int, ...]
+    uris: tuple[str, ...]
+    expected: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        return len(self.uris)
+
+
+def plan_segment(extractor: ExtractorSpec, dataset: IndexedDataset, index: FeatureIndex) -> SegmentPlan | None:
+    """The segment that gives every image of ``dataset`` features under ``extractor``, None when
+    ``index`` has them all. Unhashed rows are only planned as such when the index is empty: with
+    features to reuse, the caller hashes them first (``IndexedDataset.hashed``) to see which are new."""
+    if dataset.unhashed and len(index):
+        raise ValueError("hash the dataset's images before planning against a non-empty feature table")
+    known = hashes_from_hex([MISSING_SHA256 if h is None else h for h in dataset.sha256])
+    todo = index.missing(known)
+    unhashed = tuple(dataset.unhashed)
+    if not len(todo) and not unhashed:
+        return None
+    uris = dataset.rows.uris
+    return SegmentPlan(spec=segment_spec(extractor, todo, dataset.fingerprints(unhashed)), hashes=todo,
+                       unhashed=unhashed, uris=(*segment_uris(todo, known, uris), *(uris[i] for i in unhashed)),
+                       expected=(*hashes_to_hex(todo), *("",) * len(unhashed)))
+
+
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Compute the features the store lacks for ``cfg.dataset`` and write the dataset's view."""
     expand_names(cfg.backbones)  # an unknown backbone fails before any slow step
     log(JOB, f"indexing dataset {cfg.dataset.path} ({cfg.dataset.format})")
-    table = load_table(cfg.dataset)
+    dataset = index_table(cfg.dataset)
     store = FeatureStore(cfg.store)
     # A local run's GPUs are this machine's: decide without starting Ray, so a reused entry is instant.
     if is_local(cfg.ray_address):
@@ -165,48 +204,40 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     extractor = extractor_spec(cfg, "bfloat16" if use_gpu else "float32")
     columns = {name: list(cols) for name, cols in extractor.column_ranges().items()}
-    summary = f"GSF {'+'.join(b.name for b in extractor.backbones)} ({extractor.width}-d), {table.name}"
+    summary = f"GSF {'+'.join(b.name for b in extractor.backbones)} ({extractor.width}-d), {dataset.name}"
 
     index = FeatureIndex.build(store, table_segments(store, extractor))
-    todo = index.missing(table.sha256)
+    if dataset.unhashed and len(index):  # features to reuse: hashes decide which images are new
+        log(JOB, f"hashing {len(dataset.unhashed)} images the hash cache does not know, to find their features")
+        dataset = dataset.hashed()
+    plan = plan_segment(extractor, dataset, index)
     segment, forward_passes, shard_seconds, failures = None, 0, 0.0, {}
-    computed = np.zeros(0, todo.dtype)  # the images this run computes
+    computed = np.zeros(0, HASH_DTYPE)  # the images this run computes
+    digests: dict[int, str] = {}  # hashes the workers read, of the unhashed rows
     progress = Progress(JOB, 0, unit="images")
-    if len(todo):
-        spec = segment_spec(extractor, todo)
-        segment = spec.key
-        if (done := store.find(spec)) is None:
-            log(JOB, f"{len(todo)} of {len(table)} images lack features under this extractor: segment {spec.key}")
-            shard_rows = cfg.shard_rows or pick_shard_rows(len(todo), extractor.width, cfg.workers)
-            layout = EntryLayout(rows=len(todo), shard_rows=shard_rows, chunk_rows=CHUNK_ROWS,
-                                 arrays=(ArraySpec(GSF_ARRAY, extractor.width, "float16"), ArraySpec(HASH_ARRAY, 32, "uint8")))
-            writer = store.create(spec, layout, attrs={"summary": f"{summary}: {len(todo)} images", "columns": columns})
-            missing = writer.missing_shards()
-            computed = np.concatenate([todo[slice(*layout.shard_range(shard))] for shard in missing] or [computed])
-            computed_rows = len(computed)
-            log(JOB, f"segment {spec.key}: {len(missing)} of {layout.num_shards} shards to compute ({computed_rows} images)")
-            init_ray(cfg.ray_address, cfg.num_cpus)
-            progress = Progress(JOB, computed_rows, unit="images")
-            if missing:
-                uris = segment_uris(todo, table.sha256, table.uris)
-                forward_passes, shard_seconds = run_shards(cfg, store.url, spec, layout, todo, uris, missing,
-                                                           use_gpu, progress)
-            if failed := writer.missing_shards():
-                raise ShardsFailed(
-                    f"segment {spec.key}: {len(failed)} of {layout.num_shards} shard(s) could not be computed after "
-                    f"{SHARD_RETRIES} retries (shards {failed[:10]}{', …' if len(failed) > 10 else ''}); the "
-                    "others are committed. Rerun the same command to retry exactly those; add --verbose to see the "
-                    "workers' errors (they are also in Ray's worker logs)")
-            writer.finalize({"summary": summary})
-            done = store.open(spec.key)
+    if plan is not None:
+        segment = plan.spec.key
+        if (done := store.find(plan.spec)) is None:
+            if plan.unhashed:
+                log(JOB, f"first extraction under this extractor: the workers hash the {len(plan.unhashed)} images "
+                         "the hash cache does not know as they read them")
+            log(JOB, f"{plan.rows} of {len(dataset.sha256)} images lack features under this extractor: segment {segment}")
+            computed_shards, forward_passes, shard_seconds, progress = compute_segment(cfg, store, plan, extractor,
+                                                                                        summary, use_gpu)
+            done = store.open(segment)
         else:
-            log(JOB, f"segment {spec.key} of the {len(todo)} images without features is complete: reusing it")
+            computed_shards = []
+            log(JOB, f"segment {segment} of the {plan.rows} images without features is complete: reusing it")
         register_segment(store, extractor, done)
-        hashes = hashes_to_hex(todo)
-        failures = {hashes[r]: reason for r, reason in done.failures().items()}
+        rows = hashes_of(done.read_range(0, done.rows, [HASH_ARRAY])[HASH_ARRAY])  # what each row holds
+        digests = dict(zip(plan.unhashed, hashes_to_hex(rows[len(plan.hashes):])))
+        computed = np.concatenate([rows[slice(*done.layout.shard_range(s))] for s in computed_shards] or [computed])
+        failed = done.failures()  # by row → by image (a gone image fails by itself in the view)
+        failures = {h: why for h, why in zip(hashes_to_hex(rows[list(failed)]), failed.values()) if h != MISSING_SHA256}
         index = FeatureIndex.build(store, table_segments(store, extractor))
     else:
-        log(JOB, f"all {len(table)} images have features under this extractor: reusing them, 0 forward passes")
+        log(JOB, f"all {len(dataset.sha256)} images have features under this extractor: reusing them, 0 forward passes")
+    table = DatasetTable.from_manifest(dataset.complete(digests))
     view = write_view(store, extractor, table, index, failures, attrs={"summary": summary})
     final = view.manifest
     computed_rows = len(computed)
@@ -219,9 +250,37 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         shard_seconds=round(shard_seconds, 3), images_per_s=round(computed_rows / max(progress.seconds, 1e-9), 2))
 
 
-def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, hashes: np.ndarray, uris: list[str],
-               shards: list[int], use_gpu: bool, progress: Progress) -> tuple[int, float]:
-    """Compute ``shards`` of a segment on ``cfg.workers`` backbone actors. Returns the number of
+def compute_segment(cfg: ExtractConfig, store: FeatureStore, plan: SegmentPlan, extractor: ExtractorSpec,
+                    summary: str, use_gpu: bool) -> tuple[list[int], int, float, Progress]:
+    """Create (or resume) the planned segment, compute its uncommitted shards and finalize it.
+    Returns the shards computed now, the forward passes, the actors' in-shard seconds and the
+    progress clock. Shards that fail even after retries raise ``ShardsFailed``; the committed
+    ones stay, so a rerun computes exactly the rest."""
+    shard_rows = cfg.shard_rows or pick_shard_rows(plan.rows, extractor.width, cfg.workers)
+    layout = EntryLayout(rows=plan.rows, shard_rows=shard_rows, chunk_rows=CHUNK_ROWS,
+                         arrays=(ArraySpec(GSF_ARRAY, extractor.width, "float16"), ArraySpec(HASH_ARRAY, 32, "uint8")))
+    writer = store.create(plan.spec, layout, attrs={"summary": f"{summary}: {plan.rows} images",
+                                                    "columns": {n: list(c) for n, c in extractor.column_ranges().items()}})
+    missing = writer.missing_shards()
+    rows = sum(len(range(*layout.shard_range(shard))) for shard in missing)
+    log(JOB, f"segment {plan.spec.key}: {len(missing)} of {layout.num_shards} shards to compute ({rows} images)")
+    init_ray(cfg.ray_address, cfg.num_cpus)
+    progress = Progress(JOB, rows, unit="images")
+    forward_passes, shard_seconds = run_shards(cfg, store.url, plan, layout, missing, use_gpu, progress) \
+        if missing else (0, 0.0)
+    if failed := writer.missing_shards():
+        raise ShardsFailed(
+            f"segment {plan.spec.key}: {len(failed)} of {layout.num_shards} shard(s) could not be computed after "
+            f"{SHARD_RETRIES} retries (shards {failed[:10]}{', …' if len(failed) > 10 else ''}); the "
+            "others are committed. Rerun the same command to retry exactly those; add --verbose to see the "
+            "workers' errors (they are also in Ray's worker logs)")
+    writer.finalize({"summary": summary})
+    return missing, forward_passes, shard_seconds, progress
+
+
+def run_shards(cfg: ExtractConfig, store_url: str, plan: SegmentPlan, layout: EntryLayout, shards: list[int],
+               use_gpu: bool, progress: Progress) -> tuple[int, float]:
+    """Compute ``shards`` of the planned segment on ``cfg.workers`` backbone actors. Returns the number of
     forward passes made and the actors' summed seconds inside shards (the job's time minus start-up).
 
     Plain Ray actors, the driver handing out groups of shards: several shards per call let an
@@ -239,18 +298,17 @@ def run_shards(cfg: ExtractConfig, store_url: str, spec, layout: EntryLayout, ha
     import ray
     from ray.exceptions import RayActorError, RayError
 
-    hexes = hashes_to_hex(hashes)
     tasks = []
     for shard in shards:
         start, stop = layout.shard_range(shard)
-        tasks.append(ShardTask(shard, start, tuple(uris[start:stop]), tuple(hexes[start:stop])))
+        tasks.append(ShardTask(shard, start, plan.uris[start:stop], plan.expected[start:stop]))
     workers = min(cfg.workers, len(shards))
     per_call = max(1, min(4, len(shards) // workers))
     calls = deque((tuple(tasks[i:i + per_call]), 0) for i in range(0, len(tasks), per_call))  # (group, failures)
     actor_cls = ray.remote(ShardWorker).options(
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0,
         max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES)
-    options = {"store": store_url, "spec": spec.to_json(), "layout": layout.to_json(),
+    options = {"store": store_url, "spec": plan.spec.to_json(), "layout": layout.to_json(),
                "backbones": list(cfg.backbones), "weights": cfg.weights, "max_pixels": cfg.max_pixels,
                "batch_size": cfg.batch_size, "device": "cuda" if use_gpu else "cpu",
                "threads": max(1, int(cfg.cpus_per_worker))}
