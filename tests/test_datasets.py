@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from featurestore import sources
-from featurestore.datasets import MISSING_SHA256, DatasetError, HashStats, hash_split, load_dataset
+from featurestore.datasets import MISSING_SHA256, DatasetError, HashStats, hash_split, index_dataset, load_dataset
 from featurestore.sources import MissingSourceError
 
 # id, votes 1..10, tag1, tag2 — deliberately not in sorted id order
@@ -133,6 +133,24 @@ def test_hash_cache_rehashes_only_changed_files(tmp_path, cache):
     m4 = load_dataset(str(root), "ava", cache_dir=cache, stats=fourth)
     assert (fourth.hashed, fourth.cached) == (1, 3)
     assert m4.sha256 == m3.sha256
+
+
+def test_an_index_completed_with_reported_hashes_is_the_loaded_dataset_and_warms_the_cache(tmp_path, cache):
+    """What a first extraction does: index without reading images, then complete the dataset
+    with the hashes its workers computed while reading them."""
+    hashes = write_ava(tmp_path / "ava", skip_images=["500"])
+    indexed = index_dataset(str(tmp_path / "ava"), "ava", cache_dir=cache)
+    assert indexed.unhashed == [0, 1, 3]  # the absent image needs no read: it is settled as missing
+    assert indexed.sha256[2] == MISSING_SHA256 and len(set(indexed.fingerprints(indexed.unhashed))) == 3
+    with pytest.raises(ValueError, match="1 unhashed row"):
+        indexed.complete({0: hashes["953417"], 1: hashes["12"]})
+    reported = {0: hashes["953417"], 1: hashes["12"], 3: hashes["77"]}
+    with pytest.warns(UserWarning, match="1 of 4 images are missing"):
+        completed = indexed.complete(reported)
+    stats = HashStats()
+    with pytest.warns(UserWarning):
+        loaded = load_dataset(str(tmp_path / "ava"), "ava", cache_dir=cache, stats=stats)
+    assert completed == loaded and (stats.hashed, stats.cached, stats.missing) == (0, 3, 1)  # read nothing
 
 
 def test_default_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):

@@ -66,11 +66,11 @@ def test_twenty_percent_faults_give_the_fault_free_entry(fault_proxy, s3_bucket,
     clean = result(run_extract(s3_bucket, f"s3://{s3_bucket}/clean", fault_proxy.endpoint, tmp_path / "a"))
     assert (clean["ok"], clean["failed"]) == (N - 1, 1)
 
-    fault_proxy.set(slowdown=0.1, internal_error=0.05, drop=0.05, seed=3)
+    fault_proxy.clear().set(slowdown=0.1, internal_error=0.05, drop=0.05, seed=3)  # counters: this run only
     faulty = result(run_extract(s3_bucket, f"s3://{s3_bucket}/faulty", fault_proxy.endpoint, tmp_path / "b"))
     stats = fault_proxy.stats()
     assert stats["slowdown"] > 0 and stats["internal_error"] > 0 and stats["drop"] > 0, stats
-    assert fault_proxy.injected >= 0.1 * stats["requests"]
+    assert fault_proxy.injected >= 0.1 * stats["requests"], stats
     fault_proxy.clear()
 
     assert (faulty["ok"], faulty["failed"]) == (clean["ok"], clean["failed"])
