@@ -11,6 +11,9 @@
     and steady state from the actors' summed time inside shards (the target's measure);
 (c) decode only: DALI-CPU vs Pillow, images/s over the same JPEGs.
 
+Both run under the malloc settings the job's actors start with (``ALLOCATOR_ENV``; the script
+re-executes itself with them), so the ratio compares the pipelines, not two allocators.
+
 (a) and (b) run in ``--rounds`` interleaved rounds (forward-only, then the job into a fresh store,
 so each round computes every image; one local Ray instance serves them all), and each side reports
 its best round, as timeit does: on a shared machine a neighbour's load slows one side or the other
@@ -49,7 +52,7 @@ from ray_jobs.extract import ExtractConfig  # noqa: E402
 from ray_jobs.extract import main as extract_main  # noqa: E402
 from trainers.backbones import build_extractor  # noqa: E402
 from trainers.cost import gflops  # noqa: E402
-from trainers.extraction import size_batches  # noqa: E402
+from trainers.extraction import ALLOCATOR_ENV, size_batches  # noqa: E402
 from trainers.images import ImageDecoder  # noqa: E402
 
 PAPER_TRIO_GFLOPS = 2940  # per image, Table XIII
@@ -120,6 +123,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's dense bf16 peak for MFU (default: known for H100, H200, A100)")
     args = parser.parse_args()
+    if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):  # glibc reads them at start-up only
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
     weights = json.loads(args.weights) if args.weights.startswith("{") else args.weights
     torch.set_num_threads(args.threads)
 

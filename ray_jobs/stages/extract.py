@@ -36,7 +36,7 @@ from ray_jobs.config import ConfigError, option
 from ray_jobs.stages.dataset_input import DatasetConfig, index_table, load_table
 from ray_jobs.runtime import Progress, cluster_gpus, init_ray, is_local, log, verbose
 from trainers.backbones import backbone_specs, expand_names
-from trainers.extraction import ShardTask, ShardWorker, input_policy
+from trainers.extraction import ALLOCATOR_ENV, ShardTask, ShardWorker, input_policy
 
 JOB = "extract"
 CHUNK_ROWS = 32
@@ -307,7 +307,8 @@ def run_shards(cfg: ExtractConfig, store_url: str, plan: SegmentPlan, layout: En
     calls = deque((tuple(tasks[i:i + per_call]), 0) for i in range(0, len(tasks), per_call))  # (group, failures)
     actor_cls = ray.remote(ShardWorker).options(
         num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0,
-        max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES)
+        max_restarts=SHARD_RETRIES, max_task_retries=SHARD_RETRIES,
+        runtime_env={"env_vars": dict(ALLOCATOR_ENV)})  # merged with a submitted job's runtime env
     options = {"store": store_url, "spec": plan.spec.to_json(), "layout": layout.to_json(),
                "backbones": list(cfg.backbones), "weights": cfg.weights, "max_pixels": cfg.max_pixels,
                "batch_size": cfg.batch_size, "device": "cuda" if use_gpu else "cpu",
