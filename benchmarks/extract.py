@@ -64,7 +64,7 @@ from ray_jobs.extract import main as extract_main  # noqa: E402
 from ray_jobs.runtime import init_ray  # noqa: E402
 from trainers.backbones import build_extractor  # noqa: E402
 from trainers.cost import gflops  # noqa: E402
-from trainers.extraction import ALLOCATOR_ENV, size_batches  # noqa: E402
+from trainers.extraction import ALLOCATOR_ENV, BATCH_PIXELS, size_batches  # noqa: E402
 from trainers.images import ImageDecoder  # noqa: E402
 
 PAPER_TRIO_GFLOPS = 2940  # per image, Table XIII
@@ -104,22 +104,32 @@ def fresh_process_forward_only(args: argparse.Namespace, data: Path) -> float:
 
 def forward_only_pass(args: argparse.Namespace, weights) -> None:
     """The child side of ``fresh_process_forward_only``: build, decode, then time the first pass."""
-    encoded = [Path(uri).read_bytes() for uri in load_dataset(args.forward_only_pass, "ava").uris]
-    decoder = ImageDecoder(device="mixed" if args.device == "cuda" else "cpu", num_threads=args.threads)
-    images = [d.image for d in decoder.decode(encoded)]
+    images = decode_for_job(read_images(Path(args.forward_only_pass)), args)
     extractor = build_extractor(args.backbones.split(","), weights, device=args.device).eval()
+    print(json.dumps({"images_per_s": forward_only(extractor, images, job_batches(images, args.batch_size))}))
+
+
+def read_images(data: Path) -> list[bytes]:
+    return [Path(uri).read_bytes() for uri in load_dataset(str(data), "ava").uris]
+
+
+def decode_for_job(encoded: list[bytes], args: argparse.Namespace) -> list[torch.Tensor]:
+    """The images as the job's actor decodes them (DALI ``mixed`` on the GPU, ``cpu`` otherwise)."""
+    decoder = ImageDecoder(device="mixed" if args.device == "cuda" else "cpu", num_threads=args.threads)
+    return [d.image for d in decoder.decode(encoded)]
+
+
+def job_batches(images: list[torch.Tensor], batch_size: int) -> list[list[int]]:
+    """The forward batches, grouped the way the job groups them (identical sizes together)."""
     sizes = {i: (img.shape[0], img.shape[1]) for i, img in enumerate(images)}
-    rate = forward_only(extractor, images, size_batches(sizes, args.batch_size, 4 * 1024 * 1024))
-    print(json.dumps({"images_per_s": rate}))
+    return size_batches(sizes, batch_size, BATCH_PIXELS)
 
 
-def warm_up(extractor, images: list[torch.Tensor], batch_size: int) -> list[list[int]]:
-    """Warm the allocator and kernels once; returns the batches, grouped the way the job groups them."""
+def warm_up(extractor, images: list[torch.Tensor]) -> None:
+    """Warm the allocator and kernels once, for the in-process (warm) forward-only pass."""
     extractor(images[0].permute(2, 0, 1)[None])
     if extractor.cuda_mode:
         torch.cuda.synchronize()
-    sizes = {i: (img.shape[0], img.shape[1]) for i, img in enumerate(images)}
-    return size_batches(sizes, batch_size, 4 * 1024 * 1024)
 
 
 def gflops_per_image(backbones: list[str], images: list[torch.Tensor]) -> float:
@@ -167,18 +177,17 @@ def main() -> None:
         data = Path(tmp) / "data"
         subprocess.run([sys.executable, "-m", "ray_jobs.make_demo_data", "--out", str(data), "--n", str(args.n)],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        manifest = load_dataset(str(data), "ava")
-        encoded = [Path(uri).read_bytes() for uri in manifest.uris]
+        encoded = read_images(data)
 
         cpu_decoder = ImageDecoder(device="cpu", num_threads=args.threads)
         pil_decoder = ImageDecoder(device="pil")
         decode = {"dali_cpu_images_per_s": decode_rate(cpu_decoder, encoded),
                   "pil_images_per_s": decode_rate(pil_decoder, encoded)}
-        decoder = ImageDecoder(device="mixed" if args.device == "cuda" else "cpu", num_threads=args.threads)
-        images = [d.image for d in decoder.decode(encoded)]
+        images = decode_for_job(encoded, args)
 
         extractor = build_extractor(args.backbones.split(","), weights, device=args.device).eval()
-        batches = warm_up(extractor, images, args.batch_size)
+        warm_up(extractor, images)
+        batches = job_batches(images, args.batch_size)
         gflops = gflops_per_image(args.backbones.split(","), [img.cpu() for img in images])
 
         init_ray()  # the local instance the job uses, up for every round: both sides see the same machine

@@ -61,6 +61,9 @@ READ_THREADS = 8  # image reads are I/O bound (S3 especially)
 #: which ``batch_size`` and ``batch_pixels`` bound.
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
+#: Pixels per forward batch the workers allow by default: a batch of large images holds fewer.
+BATCH_PIXELS = 4 * 1024 * 1024
+
 
 class SpecMismatch(UserError, RuntimeError):
     """A worker loaded weights that differ from the ones the entry's key was computed from."""
@@ -142,7 +145,7 @@ class ShardExtractor:
     """Computes and writes whole shards of a GSF entry. Built once per worker (loads the weights)."""
 
     def __init__(self, store: str, spec: dict, layout: dict, backbones: Sequence[str], weights: str | dict,
-                 max_pixels: int, batch_size: int = 8, batch_pixels: int = 4 * 1024 * 1024,
+                 max_pixels: int, batch_size: int = 8, batch_pixels: int = BATCH_PIXELS,
                  device: str | None = None):
         self.extractor = build_extractor(list(backbones), weights, device=device).eval()
         self.spec = EntrySpec.from_json(spec)
