@@ -193,17 +193,22 @@ def main() -> None:
         gflops = gflops_per_image(args.backbones.split(","), [img.cpu() for img in images])
 
         init_ray()  # the local instance the job uses, up for every round: both sides see the same machine
+
+        def forward_side() -> tuple[float, float]:
+            """(a) in a fresh process, and the warm in-process pass: images/s."""
+            return fresh_process_forward_only(args, data), forward_only(extractor, images, batches)
+
         rates = []  # per round: forward-only, job steady, job end to end, forward-only warm (images/s)
         for r in range(args.rounds):
             if r % 2 == 0:  # alternate which side goes first
-                forward, warm = fresh_process_forward_only(args, data), forward_only(extractor, images, batches)
+                forward, warm = forward_side()
             overrides = [f"dataset.path={data}", f"store={Path(tmp) / f'store-{r}'}", f"backbones=[{args.backbones}]",
                          f"weights={json.dumps(weights)}", f"batch_size={args.batch_size}", "workers=1",
                          f"cpus_per_worker={args.threads}", f"device={args.device}"]
             os.environ[CACHE_DIR_ENV] = str(Path(tmp) / f"hash-cache-{r}")  # every round a first extraction
             job = extract_main(load_config(ExtractConfig, None, overrides))
             if r % 2 == 1:
-                forward, warm = fresh_process_forward_only(args, data), forward_only(extractor, images, batches)
+                forward, warm = forward_side()
             assert job["ok"] == job["computed_rows"] == args.n, job
             steady, e2e = job["computed_rows"] / job["shard_seconds"], job["computed_rows"] / job["seconds"]
             rates.append((forward, steady, e2e, warm))
