@@ -7,32 +7,36 @@
     the job batches them (identical sizes together) — the ceiling for the job. It runs in a fresh
     process, one pass over images it has not seen, because that is the state the job's actor
     works in: a new process that has loaded the weights. A process that has already forwarded
-    these shapes runs faster (reported as ``forward_only_warm_images_per_s``, in this process):
-    oneDNN keeps the convolution kernels it compiled for each input shape (1024 primitives), and
-    the heap has grown to its high-water mark. On 2 cores the third pass over the 64 demo images
-    (62 distinct sizes) ran ~15% faster than the first two; with the primitive cache disabled
-    (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``) it did not. A job never sees an image twice, and on a
-    real dataset the shapes outnumber that cache, so the warm rate is not a ceiling the job can
-    reach;
+    these shapes can run faster (``forward_only_warm_images_per_s``: the best of the last
+    child's next ``WARM_PASSES`` passes; ``job_vs_forward_only_warm`` compares the last job with
+    it): oneDNN keeps the convolution kernels it compiled for each input shape (1024 primitives),
+    and the heap has grown to its high-water mark. On 2 cores the third pass over the 64 demo
+    images (62 distinct sizes) once ran ~15% faster than the first two; with the primitive cache
+    disabled (``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``) it did not. A job never sees an image twice,
+    and on a real dataset the shapes outnumber that cache, so the warm rate is not a ceiling the
+    job can reach. This process is the job's driver, and like a job's driver it
+    holds no model;
 (b) the job: ``ray_jobs.extract`` on the same images into a fresh local store and with a fresh
-    hash cache, i.e. a first extraction (read once → hash → decode → forward → pool → write). Two rates: end to end on the job's clock (actor start-up,
-    i.e. process spawn and weight loading, included — a fixed cost that a real dataset amortises),
-    and steady state from the actors' summed time inside shards (the target's measure);
+    hash cache, i.e. a first extraction (read once → hash → decode → forward → pool → write). Two
+    rates: end to end on the job's clock (actor start-up, i.e. process spawn and weight loading,
+    included — a fixed cost that a real dataset amortises), and steady state from the actors'
+    summed time inside shards (the target's measure);
 (c) decode only: DALI-CPU vs Pillow, images/s over the same JPEGs.
 
 Both run under the malloc settings the job's actors start with (``ALLOCATOR_ENV``; the script
 re-executes itself with them), so the ratio compares the pipelines, not two allocators.
 
-(a) and (b) run in ``--rounds`` paired rounds (forward-only and the job into a fresh store, in
-alternating order, so each round computes every image and neither side always goes first; one
-local Ray instance, started before the first round, serves them all: a forward-only pass measured
-before Ray is up ran up to 25% faster than one with Ray's idle processes present, and the job
-never runs without them). The rates are each side's best round, as timeit does. The ratios
-(``job_vs_forward_only`` and the others) are the median of the per-round ratios: this machine
-drifts between slow and fast phases over minutes (the same forward took 8.8–12.8 s of user CPU
-time from run to run), and a ratio of two bests compares extremes taken in different phases,
-while the two sides of one round share a phase. The ratio of the bests is kept as ``*_best``;
-``per_round`` keeps every round's rates and ratio, so the spread shows.
+(a) and (b) alternate: a forward-only child, then ``--rounds`` times the job (into a fresh store,
+with a fresh hash cache) followed by another forward-only child, and each job is compared with the
+mean of the two children either side of it, so a drift of the machine's speed during a round
+cancels to first order. One local Ray instance, started before the first child, serves them all:
+a forward-only pass measured before Ray is up ran up to 25% faster than one with Ray's idle
+processes present, and the job never runs without them. The rates are each side's best, as
+timeit does. The ratios (``job_vs_forward_only`` and the others) are the median of the per-round
+ratios: this machine drifts between slow and fast phases over minutes (the same forward took
+8.8–12.8 s of user CPU time from run to run), and a ratio of two bests compares extremes taken in
+different phases. The ratio of the bests is kept as ``*_best``; ``per_round`` keeps every round's
+rates and ratio, so the spread shows.
 
 Images come from the demo generator (real photographs, 400–900 px, mixed sizes). It reports the
 achieved TFLOP/s of the job's steady rate from a FLOP count of the backbones at each image's own
@@ -71,6 +75,7 @@ from trainers.images import ImageDecoder  # noqa: E402
 
 PAPER_TRIO_GFLOPS = 2940  # per image, Table XIII
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM data sheets
+WARM_PASSES = 2  # after the first: on 2 cores the third pass is the first one that runs warm
 
 
 def decode_rate(decoder: ImageDecoder, encoded: list[bytes], repeats: int = 3) -> float:
@@ -89,26 +94,29 @@ def forward_only(extractor, images: list[torch.Tensor], batches: list[list[int]]
         extractor(torch.stack([images[i] for i in batch]).permute(0, 3, 1, 2))
     if extractor.cuda_mode:
         torch.cuda.synchronize()
-    rate = len(images) / (time.perf_counter() - start)
-    if extractor.cuda_mode:
-        torch.cuda.empty_cache()  # the job's actor shares the GPU next: keep only the weights here
-    return rate
+    return len(images) / (time.perf_counter() - start)
 
 
-def fresh_process_forward_only(args: argparse.Namespace, data: Path) -> float:
-    """(a): images/s of one pass in a new process (``--forward-only-pass``), as the job's actor."""
+def fresh_process_forward_only(args: argparse.Namespace, data: Path, warm_passes: int = 0) -> tuple[float, float]:
+    """(a) in a new process (``--forward-only-pass``), as the job's actor: images/s of its first
+    pass, and the best of ``warm_passes`` more over the same images (0.0 for none)."""
     command = [sys.executable, __file__, "--forward-only-pass", str(data), "--backbones", args.backbones,
                "--weights", args.weights, "--device", args.device, "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads)]
-    out = subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.splitlines()[-1])["images_per_s"]
+               "--threads", str(args.threads), "--warm-passes", str(warm_passes)]
+    out = json.loads(subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True).stdout
+                     .splitlines()[-1])
+    return out["images_per_s"], out["warm_images_per_s"]
 
 
 def forward_only_pass(args: argparse.Namespace, weights) -> None:
-    """The child side of ``fresh_process_forward_only``: build, decode, then time the first pass."""
+    """The child side of ``fresh_process_forward_only``: build, decode, time the first pass, then
+    the warm passes."""
     images = decode_for_job(read_images(Path(args.forward_only_pass)), args)
     extractor = build_extractor(args.backbones.split(","), weights, device=args.device).eval()
-    print(json.dumps({"images_per_s": forward_only(extractor, images, job_batches(images, args.batch_size))}))
+    batches = job_batches(images, args.batch_size)
+    first = forward_only(extractor, images, batches)
+    warm = max((forward_only(extractor, images, batches) for _ in range(args.warm_passes)), default=0.0)
+    print(json.dumps({"images_per_s": first, "warm_images_per_s": warm}))
 
 
 def read_images(data: Path) -> list[bytes]:
@@ -125,13 +133,6 @@ def job_batches(images: list[torch.Tensor], batch_size: int) -> list[list[int]]:
     """The forward batches, grouped the way the job groups them (identical sizes together)."""
     sizes = {i: (img.shape[0], img.shape[1]) for i, img in enumerate(images)}
     return size_batches(sizes, batch_size, BATCH_PIXELS)
-
-
-def warm_up(extractor, images: list[torch.Tensor]) -> None:
-    """Warm the allocator and kernels once, for the in-process (warm) forward-only pass."""
-    extractor(images[0].permute(2, 0, 1)[None])
-    if extractor.cuda_mode:
-        torch.cuda.synchronize()
 
 
 def gflops_per_image(backbones: list[str], images: list[torch.Tensor]) -> float:
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's dense bf16 peak for MFU (default: known for H100, H200, A100)")
     parser.add_argument("--forward-only-pass", metavar="DATA", help=argparse.SUPPRESS)  # the child of (a)
+    parser.add_argument("--warm-passes", type=int, default=0, help=argparse.SUPPRESS)  # the child's, after its first
     args = parser.parse_args()
     if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):  # glibc reads them at start-up only
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ALLOCATOR_ENV})
@@ -185,52 +187,44 @@ def main() -> None:
         pil_decoder = ImageDecoder(device="pil")
         decode = {"dali_cpu_images_per_s": decode_rate(cpu_decoder, encoded),
                   "pil_images_per_s": decode_rate(pil_decoder, encoded)}
-        images = decode_for_job(encoded, args)
-
-        extractor = build_extractor(args.backbones.split(","), weights, device=args.device).eval()
-        warm_up(extractor, images)
-        batches = job_batches(images, args.batch_size)
-        gflops = gflops_per_image(args.backbones.split(","), [img.cpu() for img in images])
+        # sizes only (the GPU's decoder gives the same): this process holds no model, as a job's driver
+        gflops = gflops_per_image(args.backbones.split(","), [d.image for d in cpu_decoder.decode(encoded)])
 
         init_ray()  # the local instance the job uses, up for every round: both sides see the same machine
-
-        def forward_side() -> tuple[float, float]:
-            """(a) in a fresh process, and the warm in-process pass: images/s."""
-            return fresh_process_forward_only(args, data), forward_only(extractor, images, batches)
-
-        rates = []  # per round: forward-only, job steady, job end to end, forward-only warm (images/s)
+        forwards = [fresh_process_forward_only(args, data)[0]]  # (a) before the first job and after each
+        rates = []  # per round: forward-only (its two neighbours' mean), job steady, job end to end (images/s)
         for r in range(args.rounds):
-            if r % 2 == 0:  # alternate which side goes first
-                forward, warm = forward_side()
             overrides = [f"dataset.path={data}", f"store={Path(tmp) / f'store-{r}'}", f"backbones=[{args.backbones}]",
                          f"weights={json.dumps(weights)}", f"batch_size={args.batch_size}", "workers=1",
                          f"cpus_per_worker={args.threads}", f"device={args.device}"]
             os.environ[CACHE_DIR_ENV] = str(Path(tmp) / f"hash-cache-{r}")  # every round a first extraction
             job = extract_main(load_config(ExtractConfig, None, overrides))
-            if r % 2 == 1:
-                forward, warm = forward_side()
             assert job["ok"] == job["computed_rows"] == args.n, job
+            after, warm_rate = fresh_process_forward_only(args, data, WARM_PASSES if r == args.rounds - 1 else 0)
+            forwards.append(after)
+            forward = statistics.fmean(forwards[-2:])
             steady, e2e = job["computed_rows"] / job["shard_seconds"], job["computed_rows"] / job["seconds"]
-            rates.append((forward, steady, e2e, warm))
-            print(f"round {r + 1}/{args.rounds}: forward-only {forward:.2f} img/s (warm {warm:.2f}) | job "
+            rates.append((forward, steady, e2e))
+            print(f"round {r + 1}/{args.rounds}: forward-only {forwards[-2]:.2f} and {after:.2f} img/s | job "
                   f"{steady:.2f} img/s steady (ratio {steady / forward:.2f}), {e2e:.2f} img/s end to end",
                   file=sys.stderr)
 
-    forward_rate, job_rate, end_to_end, warm_rate = map(max, zip(*rates))
-    per_round = [{"forward_only_images_per_s": round(f, 2), "forward_only_warm_images_per_s": round(w, 2),
+    forward_rate, (_, job_rate, end_to_end) = max(forwards), map(max, zip(*rates))
+    per_round = [{"forward_only_before_images_per_s": round(before, 2),
+                  "forward_only_after_images_per_s": round(after, 2),
                   "job_images_per_s": round(s, 2), "job_end_to_end_images_per_s": round(e, 2),
                   "job_vs_forward_only": round(s / f, 3)}
-                 for f, s, e, w in rates]
+                 for before, after, (f, s, e) in zip(forwards, forwards[1:], rates)]
     result = {"n": args.n, "backbones": args.backbones, "device": args.device, "width": job["width"],
               "rounds": args.rounds,
               "forward_only_images_per_s": round(forward_rate, 2), "job_images_per_s": round(job_rate, 2),
-              "job_vs_forward_only": round(statistics.median(s / f for f, s, _, _ in rates), 3),
+              "job_vs_forward_only": round(statistics.median(s / f for f, s, _ in rates), 3),
               "job_vs_forward_only_best": round(job_rate / forward_rate, 3),
               "job_end_to_end_images_per_s": round(end_to_end, 2),
-              "job_end_to_end_vs_forward_only": round(statistics.median(e / f for f, _, e, _ in rates), 3),
+              "job_end_to_end_vs_forward_only": round(statistics.median(e / f for f, _, e in rates), 3),
               "job_end_to_end_vs_forward_only_best": round(end_to_end / forward_rate, 3),
               "forward_only_warm_images_per_s": round(warm_rate, 2),
-              "job_vs_forward_only_warm": round(statistics.median(s / w for _, s, _, w in rates), 3),
+              "job_vs_forward_only_warm": round(rates[-1][1] / warm_rate, 3),
               **{k: round(v, 1) for k, v in decode.items()},
               "dali_vs_pil_decode": round(decode["dali_cpu_images_per_s"] / decode["pil_images_per_s"], 2),
               "per_round": per_round}
